@@ -1,0 +1,1 @@
+"""Running a node: its configuration files, meshctl, and the emulated mesh."""

@@ -1,0 +1,1 @@
+"""Emulated mesh: routers as network namespaces joined by veth links."""

@@ -1,0 +1,240 @@
+"""The emulated mesh: the fabric of namespaces plus a full router in each.
+
+For every node of a topology whose role runs a router (router, gateway,
+exit), this writes a node directory, starts that router's own supervisord
+inside its namespace (which starts its nats-server and services), and waits
+until every service answers SERVING on its inspection socket. `internet`
+nodes are plain hosts. Tear-down stops each supervisord (services flush their
+projections on SIGTERM), then removes the namespaces; a crashed earlier run is
+cleaned up the same way from what it left on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploy.meshctl import client
+from deploy.node import NodeLayout, init_node
+
+from .fabric import Fabric, cleanup_stale
+from .preflight import preflight
+from .topology import Topology
+
+EMU_ROOT = Path(os.environ.get("MESH_EMU_ROOT", "/var/lib/mesh-emu"))
+ROUTER_ROLES = ("router", "gateway", "exit")
+DEFAULT_SERVICES = ("sharp",)
+
+Progress = Callable[[str], None]
+
+
+class MeshError(RuntimeError):
+    """The emulated mesh could not be brought up or down; the message says why."""
+
+
+def _quiet(_line: str) -> None:
+    return None
+
+
+def supervisorctl(layout: NodeLayout, *argv: str, check: bool = False) -> str:
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "supervisorctl"),
+            "-c",
+            str(layout.supervisor_file),
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if check and done.returncode != 0:
+        raise MeshError(f"supervisorctl {' '.join(argv)}: {done.stdout}{done.stderr}".strip())
+    return done.stdout
+
+
+def program_states(layout: NodeLayout) -> dict[str, str]:
+    """supervisord's view: program name -> RUNNING, STARTING, BACKOFF, ..."""
+    states = {}
+    for line in supervisorctl(layout, "status").splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            states[parts[0]] = parts[1]
+    return states
+
+
+def service_pid(layout: NodeLayout, program: str) -> int:
+    out = supervisorctl(layout, "pid", program).strip()
+    if not out.isdigit() or out == "0":
+        raise MeshError(f"{program} has no pid under {layout.supervisor_file}: {out!r}")
+    return int(out)
+
+
+@dataclass
+class RouterNode:
+    name: str
+    namespace: str
+    layout: NodeLayout
+    services: tuple[str, ...]
+
+    def unhealthy(self) -> list[str]:
+        """What keeps this router from being healthy (empty when it is)."""
+        problems = []
+        states = program_states(self.layout)
+        for program in ("nats-server", *self.services):
+            if states.get(program) != "RUNNING":
+                problems.append(f"{program} {states.get(program, 'absent').lower()}")
+        for service in self.services:
+            answer = client.health(self.layout.socket(service))
+            if answer != "SERVING":
+                problems.append(f"{service} {answer.lower()}")
+        return problems
+
+
+class EmulatedMesh:
+    def __init__(
+        self,
+        topology: Topology,
+        prefix: str = "mesh",
+        root: Path | None = None,
+        services: Sequence[str] = DEFAULT_SERVICES,
+        log_level: str = "info",
+    ) -> None:
+        self.topology = topology
+        self.prefix = prefix
+        self.workdir = (root or EMU_ROOT) / prefix
+        self.fabric = Fabric(prefix)
+        self.log_level = log_level
+        self.routers: dict[str, RouterNode] = {}
+        for spec in topology.nodes:
+            if spec.role in ROUTER_ROLES:
+                self.routers[spec.name] = RouterNode(
+                    name=spec.name,
+                    namespace=f"{prefix}-{spec.name}",
+                    layout=NodeLayout(self.workdir / spec.name),
+                    services=tuple(spec.services if spec.services is not None else services),
+                )
+
+    def start(self, progress: Progress = _quiet, timeout: float = 120.0) -> None:
+        """Bring the whole mesh up and wait until every router is healthy."""
+        preflight()
+        self.check_services()
+        removed = clean(self.prefix, self.workdir.parent)
+        if removed:
+            progress(f"cleaned up {len(removed)} namespaces left by an earlier run")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        self.fabric.create(self.topology)
+        progress(
+            f"namespaces: {len(self.topology.nodes)} nodes, {len(self.topology.links)} links "
+            f"({time.monotonic() - started:.1f}s)"
+        )
+        for router in self.routers.values():
+            init_node(
+                router.layout.root,
+                router.name,
+                services=router.services,
+                netns=router.namespace,
+                log_level=self.log_level,
+            )
+            self.fabric.run(
+                router.name,
+                [
+                    str(Path(sys.executable).parent / "supervisord"),
+                    "-c",
+                    str(router.layout.supervisor_file),
+                ],
+            )
+        progress(f"supervisord started on {len(self.routers)} routers")
+        self.wait_healthy(progress, timeout)
+        progress(f"all {len(self.routers)} routers healthy ({time.monotonic() - started:.1f}s)")
+
+    def check_services(self) -> None:
+        repo = Path(__file__).resolve().parents[2]
+        for router in self.routers.values():
+            for service in router.services:
+                if not (repo / "services" / service / "__main__.py").exists():
+                    raise MeshError(f"router {router.name}: no service named {service!r}")
+
+    def wait_healthy(self, progress: Progress = _quiet, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        reported: dict[str, int] = {}
+        while True:
+            waiting = {name: r.unhealthy() for name, r in self.routers.items()}
+            waiting = {name: problems for name, problems in waiting.items() if problems}
+            if not waiting:
+                return
+            healthy = len(self.routers) - len(waiting)
+            if reported.get("healthy") != healthy:
+                reported["healthy"] = healthy
+                progress(f"healthy: {healthy}/{len(self.routers)} routers")
+            if time.monotonic() > deadline:
+                detail = "; ".join(f"{n}: {', '.join(p)}" for n, p in sorted(waiting.items()))
+                raise MeshError(f"not healthy after {timeout:.0f}s: {detail}")
+            time.sleep(0.2)
+
+    def stop(self, progress: Progress = _quiet, keep_files: bool = True) -> None:
+        """Stop every router (services flush their projections), then the fabric."""
+        for router in self.routers.values():
+            stop_supervisord(router.layout)
+        progress("routers stopped")
+        self.fabric.destroy()
+        progress("namespaces removed")
+        if not keep_files:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def running(
+        self, progress: Progress = _quiet, timeout: float = 120.0
+    ) -> Iterator[EmulatedMesh]:
+        try:
+            self.start(progress, timeout)
+            yield self
+        finally:
+            self.stop(progress)
+
+
+def stop_supervisord(layout: NodeLayout, timeout: float = 30.0) -> None:
+    """Ask supervisord to shut down cleanly; kill it if it will not."""
+    try:
+        pid = int(layout.supervisor_pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return
+    supervisorctl(layout, "shutdown")
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child (when we started it ourselves) counts as gone.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
+            return False
+    return True
+
+
+def clean(prefix: str, root: Path = EMU_ROOT) -> list[str]:
+    """Remove whatever an earlier run with this prefix left: routers, then namespaces."""
+    workdir = root / prefix
+    if workdir.is_dir():
+        for node_dir in sorted(workdir.iterdir()):
+            if NodeLayout(node_dir).supervisor_file.exists():
+                stop_supervisord(NodeLayout(node_dir), timeout=10.0)
+    return cleanup_stale(prefix)

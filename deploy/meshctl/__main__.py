@@ -1,0 +1,189 @@
+"""meshctl: inspect and drive a mesh router from the command line.
+
+    meshctl status [SERVICE]          health and projection of each service
+    meshctl events [--follow]         the node's event log, decoded
+    meshctl inject ping --count N     test traffic for sharp (the chassis' probe)
+    meshctl emu up|down|status|clean  the emulated mesh (network namespaces)
+    meshctl demo                      bring up the emulated mesh and watch it
+
+A node is a directory written by `python -m deploy.node init` (default
+/var/lib/mesh) or, with a mesh emulated on this machine, a router's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from services.common.config import ConfigError
+
+from . import client, emu
+from .client import Node, NodeError
+from .tables import table
+
+DEFAULT_NODE = Path(os.environ.get("MESH_NODE", "/var/lib/mesh"))
+
+
+def resolve_node(spec: str) -> Node:
+    path = Path(spec)
+    if path.is_dir():
+        return Node.open(path)
+    if "/" not in spec:
+        emulated = emu.node_dir(emu.current_prefix(), spec)
+        if emulated.is_dir():
+            return Node.open(emulated)
+    raise NodeError(
+        f"{spec}: no node directory there, and no router of that name in a running emulated mesh"
+    )
+
+
+def _plain(value: object) -> object:
+    """Struct numbers are doubles: show whole ones without the .0."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    node = resolve_node(args.node)
+    services = [args.service] if args.service else list(node.services)
+    unknown = sorted(set(services) - set(node.services))
+    if unknown:
+        raise NodeError(f"{', '.join(unknown)}: not a service of node {node.config.node.id} "
+                        f"(it runs {', '.join(node.services)})")
+    rows, docs = [], []
+    for service in services:
+        socket = node.socket(service)
+        state = client.health(socket)
+        if state == "UNREACHABLE":
+            rows.append([service, state, "-", "-", "-", "-", ""])
+            docs.append({"service": service, "health": state})
+            continue
+        answer = client.status(socket)
+        summary = json_format.MessageToDict(answer.summary)
+        rows.append([
+            service, state, answer.last_sequence, answer.events_handled,
+            answer.events_rejected, answer.events_published,
+            " ".join(f"{k}={_plain(v)}" for k, v in summary.items()),
+        ])
+        doc = json_format.MessageToDict(answer, preserving_proto_field_name=True)
+        doc["health"] = state
+        decoded = client.unpack_any(answer.state)
+        if decoded is not None:
+            doc["state"] = json_format.MessageToDict(decoded, preserving_proto_field_name=True)
+        docs.append(doc)
+    if args.json:
+        print(json.dumps(docs, indent=2))
+    else:
+        print(f"node {node.config.node.id} ({node.layout.root})")
+        print(table(["service", "health", "seq", "handled", "rejected", "published", "summary"],
+                    rows))
+    return 0 if all(r[1] == "SERVING" for r in rows) else 1
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    node = resolve_node(args.node)
+    client.enter_netns(node.config.node.netns)
+
+    async def run() -> None:
+        async for msg in client.follow_events(
+            node.config.node.nats_url, args.subject, args.follow, args.last
+        ):
+            row = client.event_as_dict(msg)
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                payload = json.dumps(row.get("payload", row.get("error")), separators=(",", ":"))
+                print(f"{row['sequence']:>8} {row['subject']:<40} {row['type']} {payload}",
+                      flush=True)
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    from mesh.sharp.v1 import sharp_pb2
+
+    from services.common.bus import Bus
+
+    node = resolve_node(args.node)
+    client.enter_netns(node.config.node.netns)
+
+    async def run() -> None:
+        bus = await Bus.connect(node.config.node.nats_url, "meshctl", connect_timeout=5.0)
+        try:
+            for seq in range(1, args.count + 1):
+                await bus.publish_event(
+                    sharp_pb2.PingSent(sequence=seq, value=seq, origin=args.origin),
+                    service="sharp", kind="ping", aggregate_id=args.origin,
+                    node_id=node.config.node.id, version=seq, source="meshctl",
+                )
+        finally:
+            await bus.close()
+        print(f"published {args.count} pings from {args.origin}")
+
+    asyncio.run(run())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "-n", "--node", default=str(DEFAULT_NODE),
+        help="node directory, or a router's name in the emulated mesh "
+        "(default: $MESH_NODE or /var/lib/mesh)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    status = sub.add_parser("status", help="health and projection summary of each service")
+    status.add_argument("service", nargs="?", help="one service (default: all of the node's)")
+    status.add_argument("--json", action="store_true", help="full projections as JSON")
+    status.set_defaults(func=cmd_status)
+
+    events = sub.add_parser("events", help="print the node's event log")
+    events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    events.add_argument("--subject", action="append", default=None,
+                        help="filter subject, repeatable (default: evt.>)")
+    events.add_argument("--last", type=int, default=0, help="start this many events back")
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
+    events.set_defaults(func=cmd_events)
+
+    inject = sub.add_parser("inject", help="publish test traffic on the node's bus")
+    inject_sub = inject.add_subparsers(dest="what", required=True)
+    ping = inject_sub.add_parser("ping", help="PingSent events for sharp")
+    ping.add_argument("--count", type=int, default=1, help="how many (default 1)")
+    ping.add_argument("--origin", default="meshctl", help="origin name (aggregate id)")
+    ping.set_defaults(func=cmd_inject)
+
+    emu.add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "subject", None) is None and args.command == "events":
+        args.subject = ["evt.>"]
+    if args.command == "inject" and args.count < 1:
+        parser.error("--count must be at least 1")
+    client.import_all_schemas()
+    try:
+        code = args.func(args)
+    except (NodeError, ConfigError, emu.EmuError) as err:
+        print(f"meshctl: {err}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Clients meshctl (and tests) use: gRPC inspection over unix sockets, the bus."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format, symbol_database
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from mesh.common.v1 import envelope_pb2, inspect_pb2, inspect_pb2_grpc
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from services.common import config as config_mod
+from services.common.bus import STREAM, Bus
+from services.common.envelope import EVENT_TYPE_HEADER, TYPE_URL_PREFIX
+
+from ..node import NodeLayout
+
+RPC_TIMEOUT = 5.0
+
+
+class NodeError(RuntimeError):
+    """The node cannot be reached or named; the message says why."""
+
+
+@dataclass(frozen=True)
+class Node:
+    layout: NodeLayout
+    config: config_mod.NodeConfig
+
+    @classmethod
+    def open(cls, root: Path) -> Node:
+        layout = NodeLayout(root)
+        if not layout.node_file.exists():
+            raise NodeError(f"{root} is not a node directory (no node.toml)")
+        cfg = config_mod.load(layout.node_file, env={})
+        return cls(layout, cfg)
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        return self.config.node.services
+
+    def socket(self, service: str) -> Path:
+        return self.config.node.socket_path(service)
+
+
+def channel(socket: Path) -> grpc.Channel:
+    if not socket.exists():
+        raise NodeError(f"no inspection socket at {socket}: is the service running?")
+    return grpc.insecure_channel(f"unix:{socket}")
+
+
+def status(socket: Path) -> inspect_pb2.StatusResponse:
+    with channel(socket) as ch:
+        try:
+            return inspect_pb2_grpc.InspectStub(ch).Status(
+                inspect_pb2.StatusRequest(), timeout=RPC_TIMEOUT
+            )
+        except grpc.RpcError as err:
+            raise NodeError(f"{socket}: {err.code().name}: {err.details()}") from None
+
+
+def health(socket: Path) -> str:
+    """SERVING, NOT_SERVING, or UNREACHABLE when nothing answers on the socket."""
+    try:
+        with channel(socket) as ch:
+            answer = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(), timeout=2.0
+            )
+    except (NodeError, grpc.RpcError):
+        return "UNREACHABLE"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+
+
+def unpack_any(packed: object) -> Message | None:
+    """Decode an Any with whichever generated schema names its type."""
+    type_name = packed.type_url.removeprefix(TYPE_URL_PREFIX)  # type: ignore[attr-defined]
+    try:
+        cls = symbol_database.Default().GetSymbol(type_name)
+    except KeyError:
+        return None
+    message = cls()
+    packed.Unpack(message)  # type: ignore[attr-defined]
+    return message
+
+
+def import_all_schemas() -> None:
+    """Register every generated schema so events of any service can be printed."""
+    import importlib
+    import pkgutil
+
+    import mesh
+
+    for info in pkgutil.walk_packages(mesh.__path__, "mesh."):
+        if info.name.endswith("_pb2"):
+            importlib.import_module(info.name)
+
+
+def event_as_dict(msg: Msg) -> dict[str, object]:
+    envelope = envelope_pb2.Envelope()
+    row: dict[str, object] = {
+        "sequence": msg.metadata.sequence.stream,
+        "subject": msg.subject,
+        "type": (msg.headers or {}).get(EVENT_TYPE_HEADER, ""),
+    }
+    try:
+        envelope.ParseFromString(msg.data)
+    except Exception as err:  # malformed events are shown, not fatal
+        row["error"] = f"undecodable envelope: {err}"
+        return row
+    row.update(
+        event_id=envelope.event_id, source=envelope.source, aggregate_id=envelope.aggregate_id,
+        occurred_at=envelope.occurred_at.ToJsonString() if envelope.HasField("occurred_at") else "",
+    )
+    payload = unpack_any(envelope.payload)
+    row["payload"] = (
+        json_format.MessageToDict(payload) if payload is not None else {"undecoded": True}
+    )
+    return row
+
+
+async def follow_events(
+    nats_url: str, subjects: Sequence[str], follow: bool, last: int
+) -> AsyncIterator[Msg]:
+    """Stored events on subjects (the last `last` of them, or all), then new ones if follow."""
+    bus = await Bus.connect(nats_url, "meshctl", connect_timeout=5.0)
+    try:
+        info = await bus.js.stream_info(STREAM)
+        start = max(1, info.state.last_seq - last + 1) if last else 1
+        config = ConsumerConfig(
+            filter_subjects=list(subjects), ack_policy=AckPolicy.NONE,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start,
+            inactive_threshold=10.0, mem_storage=True,
+        )
+        consumer = await bus.js.add_consumer(STREAM, config)
+        sub = await bus.js.pull_subscribe_bind(consumer=consumer.name, stream=STREAM)
+        pending = consumer.num_pending
+        while follow or pending > 0:
+            try:
+                msgs = await sub.fetch(256, timeout=1.0)
+            except NatsTimeout:
+                if not follow:
+                    return
+                continue
+            for msg in msgs:
+                pending = msg.metadata.num_pending
+                yield msg
+    finally:
+        await bus.close()
+
+
+def enter_netns(name: str) -> None:
+    """Join a node's network namespace so its loopback nats-server is reachable."""
+    if not name:
+        return
+    target = Path("/var/run/netns") / name
+    if not target.exists():
+        raise NodeError(f"network namespace {name} does not exist: is the mesh up?")
+    if os.stat(target).st_ino == os.stat("/proc/self/ns/net").st_ino:
+        return
+    from pyroute2 import netns
+
+    netns.setns(name)

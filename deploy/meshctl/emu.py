@@ -1,0 +1,189 @@
+"""meshctl's emulated-mesh commands: emu up|down|status and demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from deploy.emulator import mesh as mesh_mod
+from deploy.emulator.preflight import PreflightError
+from deploy.emulator.topology import TOPOLOGIES_DIR, Topology, TopologyError
+
+from . import client
+from .tables import table
+
+TOPOLOGY_COPY = "topology.toml"
+
+
+class EmuError(RuntimeError):
+    """An emulated-mesh command failed; the message says why."""
+
+
+def current_prefix() -> str:
+    return os.environ.get("MESH_EMU_PREFIX", "mesh")
+
+
+def node_dir(prefix: str, name: str) -> Path:
+    return mesh_mod.EMU_ROOT / prefix / name
+
+
+def load_topology(spec: str) -> Topology:
+    path = Path(spec)
+    if not path.exists() and not spec.endswith(".toml"):
+        path = TOPOLOGIES_DIR / f"{spec}.toml"
+    if not path.exists():
+        shipped = ", ".join(sorted(p.stem for p in TOPOLOGIES_DIR.glob("*.toml")))
+        raise EmuError(f"no topology {spec!r} (a file, or one of: {shipped})")
+    try:
+        return Topology.load(path)
+    except TopologyError as err:
+        raise EmuError(str(err)) from None
+
+
+def _progress(line: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+
+
+def _mesh(args: argparse.Namespace, topology: Topology) -> mesh_mod.EmulatedMesh:
+    services = tuple(s for s in args.services.split(",") if s)
+    return mesh_mod.EmulatedMesh(topology, prefix=args.prefix, services=services,
+                                 log_level=args.log_level)
+
+
+def _start(args: argparse.Namespace) -> mesh_mod.EmulatedMesh:
+    topology = load_topology(args.topology)
+    emulated = _mesh(args, topology)
+    _progress(f"bringing up topology {topology.name!r}: {len(topology.nodes)} nodes, "
+              f"prefix {args.prefix!r}, files in {emulated.workdir}")
+    try:
+        emulated.start(_progress, timeout=args.timeout)
+    except (mesh_mod.MeshError, PreflightError) as err:
+        _progress(f"failed: {err}; tearing down")
+        emulated.stop(_progress)
+        raise EmuError(str(err)) from None
+    shutil.copyfile(topology.path if topology.path else args.topology,
+                    emulated.workdir / TOPOLOGY_COPY)
+    return emulated
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    _start(args)
+    print(f"mesh {args.prefix!r} is up; `meshctl -n r1 status`, `meshctl emu down` to stop")
+    return 0
+
+
+def _running_mesh(args: argparse.Namespace) -> mesh_mod.EmulatedMesh:
+    copy = mesh_mod.EMU_ROOT / args.prefix / TOPOLOGY_COPY
+    if not copy.exists():
+        raise EmuError(f"no emulated mesh {args.prefix!r} is up (no {copy})")
+    return _mesh(args, Topology.load(copy))
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    removed = mesh_mod.clean(args.prefix)
+    shutil.rmtree(mesh_mod.EMU_ROOT / args.prefix, ignore_errors=True)
+    print(f"mesh {args.prefix!r} down ({len(removed)} namespaces removed)")
+    return 0
+
+
+def status_rows(emulated: mesh_mod.EmulatedMesh) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for name, router in emulated.routers.items():
+        for service in router.services:
+            socket = router.layout.socket(service)
+            health = client.health(socket)
+            if health != "SERVING":
+                rows.append([name, service, health, "-", "-", "-", "-"])
+                continue
+            answer = client.status(socket)
+            rows.append([name, service, health, answer.last_sequence, answer.events_handled,
+                         answer.events_rejected, answer.events_published])
+    return rows
+
+
+STATUS_HEADERS = ["router", "service", "health", "seq", "handled", "rejected", "published"]
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rows = status_rows(_running_mesh(args))
+    print(table(STATUS_HEADERS, rows))
+    return 0 if all(r[2] == "SERVING" for r in rows) else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    emulated = _start(args)
+    tty = sys.stdout.isatty()
+    deadline = time.monotonic() + args.duration if args.duration else None
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            for router in emulated.routers.values():
+                if "sharp" in router.services:
+                    _ping(router, count=10)
+            rows = status_rows(emulated)
+            if tty:
+                print("\033[2J\033[H", end="")
+            print(f"[{time.strftime('%H:%M:%S')}] mesh {args.prefix!r} "
+                  f"(Ctrl-C to stop)\n{table(STATUS_HEADERS, rows)}", flush=True)
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print()
+    rows = status_rows(emulated)
+    healthy = all(r[2] == "SERVING" for r in rows)
+    print(f"final state:\n{table(STATUS_HEADERS, rows)}")
+    if args.keep:
+        print(f"left running: `meshctl emu down --prefix {args.prefix}` removes it")
+    else:
+        emulated.stop(_progress, keep_files=False)
+    return 0 if healthy else 1
+
+
+def _ping(router: mesh_mod.RouterNode, count: int) -> None:
+    """Test traffic through sharp on one router (from inside its namespace)."""
+    import subprocess
+
+    subprocess.run(
+        ["ip", "netns", "exec", router.namespace, sys.executable, "-m", "deploy.meshctl",
+         "-n", str(router.layout.root), "inject", "ping", "--count", str(count),
+         "--origin", "demo"],
+        check=True, capture_output=True, timeout=30,
+    )
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--prefix", default=current_prefix(),
+                       help="names the mesh's namespaces <prefix>-<node> (default: "
+                       "$MESH_EMU_PREFIX or mesh)")
+        p.add_argument("--services", default=",".join(mesh_mod.DEFAULT_SERVICES),
+                       help="services each router runs (comma-separated)")
+        p.add_argument("--log-level", default="info", help="services' log level")
+
+    def startable(p: argparse.ArgumentParser) -> None:
+        common(p)
+        p.add_argument("--topology", default="default",
+                       help=f"topology file or shipped name in {TOPOLOGIES_DIR} (default: default)")
+        p.add_argument("--timeout", type=float, default=180.0,
+                       help="seconds to wait for every router to be healthy")
+
+    emu = sub.add_parser("emu", help="the emulated mesh on this machine (needs root)")
+    emu_sub = emu.add_subparsers(dest="emu_command", required=True, metavar="ACTION")
+    up = emu_sub.add_parser("up", help="bring the mesh up and leave it running")
+    startable(up)
+    up.set_defaults(func=cmd_up)
+    down = emu_sub.add_parser("down", help="stop it and remove its namespaces and files")
+    common(down)
+    down.set_defaults(func=cmd_down)
+    status = emu_sub.add_parser("status", help="every router's services")
+    common(status)
+    status.set_defaults(func=cmd_status)
+
+    demo = sub.add_parser("demo", help="bring the mesh up, drive traffic, show it live")
+    startable(demo)
+    demo.add_argument("--duration", type=float, default=0.0,
+                      help="seconds to run before tearing down (default: until Ctrl-C)")
+    demo.add_argument("--keep", action="store_true", help="leave the mesh running at the end")
+    demo.set_defaults(func=cmd_demo)

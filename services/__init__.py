@@ -1,0 +1,1 @@
+"""The router's services: one folder each, all built on services.common."""

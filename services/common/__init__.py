@@ -1,0 +1,1 @@
+"""The shared service runtime: bus, event log, projections, inspection, telemetry."""
