@@ -9,8 +9,8 @@ process can find and remove what a crashed one left behind:
 - link k (1-based) is 2001:db8:ff:<k>::/64, ::1 on the a side, ::2 on the b side
   (i and k are written in hex, as IPv6 groups are).
 
-Loss is an nftables rule on each end's egress; rate is a tbf qdisc on each
-end's egress. Both apply per direction, as on a real radio link.
+Loss is an nftables rule where each direction arrives; rate is a tbf qdisc
+on each end's egress. Both apply per direction, as on a real radio link.
 """
 
 from __future__ import annotations
@@ -197,9 +197,10 @@ class Fabric:
         argv = list(argv)
         proc = subprocess.run(self.exec_argv(node, argv), capture_output=True, text=True, **kw)
         if check and proc.returncode != 0:
+            output = proc.stderr.strip() or proc.stdout.strip()
             raise FabricError(
-                f"{node}: {shlex.join(argv)} exited with {proc.returncode}: "
-                f"{proc.stderr.strip() or proc.stdout.strip()}"
+                f"{node}: {shlex.join(argv)} exited with {proc.returncode}"
+                + (f": {output}" if output else "")
             )
         return proc
 
@@ -228,9 +229,9 @@ class Fabric:
             )
         self._nodes = {n.name: n for n in nodes}
         self._links = links
-        # Recorded before building, so a crash halfway still leaves a full record.
-        self._write_state(topology.name)
         try:
+            # Recorded before building, so a crash halfway still leaves a full record.
+            self._write_state(topology.name)
             self._build()
         except BaseException:
             self.destroy()
@@ -370,6 +371,12 @@ class Fabric:
                 )
 
     def _add_loss(self, node: str) -> None:
+        """Drop each link's share of what `node` receives over it.
+
+        Dropped on arrival rather than on departure: a packet dropped in the
+        sender's own output path fails its send() with EPERM, which no radio
+        does. The arriving side of each direction sees the same loss rate.
+        """
         lossy = [
             (ifname, link.loss)
             for link in self._links
@@ -383,13 +390,13 @@ class Fabric:
         # family): lost ND turns a lossy link into seconds-long blackouts
         # instead of the per-packet loss asked for.
         rules = "\n".join(
-            f'        oifname "{ifname}" numgen random mod 100 < {loss} drop'
+            f'        iifname "{ifname}" numgen random mod 100 < {loss} drop'
             for ifname, loss in lossy
         )
         script = (
             "table inet meshemu {\n"
             "    chain loss {\n"
-            "        type filter hook postrouting priority 0; policy accept;\n"
+            "        type filter hook prerouting priority 0; policy accept;\n"
             "        icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept\n"
             f"{rules}\n"
             "    }\n"

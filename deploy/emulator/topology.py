@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,8 @@ class Topology:
     name: str
     nodes: tuple[NodeSpec, ...]
     links: tuple[LinkSpec, ...]
+    # The file it was loaded from, if any (so a running mesh can keep a copy).
+    path: Path | None = field(default=None, compare=False)
 
     @classmethod
     def load(cls, path: str | Path) -> Topology:
@@ -108,7 +110,7 @@ class Topology:
             raise TopologyError(f"{path}: cannot read: {e.strerror}") from e
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise TopologyError(f"{path}: not valid TOML: {e}") from e
-        return cls.from_dict(data, source=str(path))
+        return replace(cls.from_dict(data, source=str(path)), path=path)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "topology") -> Topology:
