@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from deploy.emulator.mesh import program_states, stop_supervisord, supervisorctl
+from deploy.meshctl.client import health
 from deploy.node import NodeLayout, init_node
 
 
@@ -43,8 +44,9 @@ def require_root() -> None:
 class RunningNode:
     """A node started under real supervisord in the host's network namespace."""
 
-    def __init__(self, layout: NodeLayout, nats_port: int) -> None:
+    def __init__(self, layout: NodeLayout, nats_port: int, services: tuple[str, ...]) -> None:
         self.layout = layout
+        self.services = services
         self.nats_url = f"nats://127.0.0.1:{nats_port}"
 
     def start(self) -> None:
@@ -55,6 +57,12 @@ class RunningNode:
         subprocess.run([str(supervisord), "-c", str(self.layout.supervisor_file)], check=True)
         wait_for("all programs RUNNING", lambda: set(program_states(self.layout).values())
                  == {"RUNNING"})
+        self.wait_serving()
+
+    def wait_serving(self) -> None:
+        for service in self.services:
+            wait_for(f"{service} SERVING",
+                     lambda s=service: health(self.layout.socket(s)) == "SERVING")
 
     def stop(self) -> None:
         stop_supervisord(self.layout)
@@ -71,7 +79,7 @@ def make_node(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
         port = free_port()
         layout = init_node(tmp_path / f"node{len(nodes)}", f"t{len(nodes)}",
                            services=services, nats_port=port, runtime=runtime)
-        node = RunningNode(layout, port)
+        node = RunningNode(layout, port, services)
         nodes.append(node)
         node.start()
         return node

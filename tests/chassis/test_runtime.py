@@ -216,8 +216,8 @@ def test_clean_stop_flushes_projection_and_restart_resumes(
     assert sharp_pb2.SharpState.FromString(blob) == before  # SIGTERM flushed the projection
     asyncio.run(send(25, 51))  # published while sharp is down: the durable consumer keeps them
     node.ctl("start", "sharp")
-    wait_for("75 pings", lambda: client.health(node.layout.socket("sharp")) == "SERVING"
-             and sharp_state(node).pings_seen == 75)
+    node.wait_serving()
+    wait_for("75 pings", lambda: sharp_state(node).pings_seen == 75)
     status = sharp_status(node)
     assert status.events_replayed == 0  # nothing to replay: the snapshot was current
     assert sharp_state(node).value_sum == 3 * 75 * 76 // 2
