@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -102,10 +103,8 @@ def cmd_events(args: argparse.Namespace) -> int:
                 print(f"{row['sequence']:>8} {row['subject']:<40} {row['type']} {payload}",
                       flush=True)
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

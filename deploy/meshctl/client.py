@@ -144,7 +144,7 @@ async def follow_events(
         while follow or pending > 0:
             try:
                 msgs = await sub.fetch(256, timeout=1.0)
-            except NatsTimeout:
+            except (TimeoutError, NatsTimeout):
                 if not follow:
                     return
                 continue

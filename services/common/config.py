@@ -101,8 +101,9 @@ def _coerce(raw: Any, default: Any, where: str) -> Any:
     if isinstance(default, bool):
         if isinstance(raw, bool):
             return raw
-        if isinstance(raw, str) and raw.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
-            return raw.lower() in {"1", "true", "yes", "on"}
+        truthy, falsy = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+        if isinstance(raw, str) and raw.lower() in truthy | falsy:
+            return raw.lower() in truthy
         raise ConfigError(f"{where}: expected true or false, got {raw!r}")
     if isinstance(default, tuple):
         if isinstance(raw, str):

@@ -40,12 +40,12 @@ class InspectServicer(inspect_pb2_grpc.InspectServicer):
         self._status = status
         self._changes = changes
 
-    async def Status(  # noqa: N802 (gRPC method name)
+    async def Status(
         self, request: inspect_pb2.StatusRequest, context: grpc.aio.ServicerContext
     ) -> inspect_pb2.StatusResponse:
         return self._status()
 
-    async def Watch(  # noqa: N802 (gRPC method name)
+    async def Watch(
         self, request: inspect_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inspect_pb2.WatchResponse]:
         seen = self._changes.version

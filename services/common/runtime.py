@@ -104,6 +104,8 @@ class ServiceRuntime(Generic[S]):
         self.inspect = InspectServer(cfg.node.socket_path(self.name), self.status, self.changes)
         self.bus: Bus | None = None
         self._emitted = 0
+        self._inflight: list[asyncio.Future[Any]] = []
+        self._flushed_sequence = 0
         self._since_snapshot = 0
         self._last_snapshot_at = time.monotonic()
 
@@ -127,15 +129,20 @@ class ServiceRuntime(Generic[S]):
                 "service.ready", sequence=self.last_sequence, replayed=self.events_replayed,
                 socket=self.inspect.socket_path,
             ))
-            tasks = [asyncio.create_task(self._consume(), name="consume")]
-            tasks += [asyncio.create_task(t(self), name=t.__name__) for t in self.definition.tasks]
+            consume = asyncio.create_task(self._consume(), name="consume")
+            tasks = [asyncio.create_task(t(self), name=t.__name__) for t in self.definition.tasks]
             stop = asyncio.create_task(self.stopping.wait())
-            done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                [stop, consume, *tasks], return_when=asyncio.FIRST_COMPLETED
+            )
             for task in tasks:
                 task.cancel()
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            # The consumer stops by itself between two batches, so no event is
+            # left half handled.
+            await consume
             for task in done:
                 if task is not stop:
                     task.result()  # a crashed loop is a broken invariant: let it raise
@@ -157,7 +164,7 @@ class ServiceRuntime(Generic[S]):
                 f"snapshot in {self.store.path} holds {snap.state_type}, not {expected}"
             )
         self.state.ParseFromString(snap.state)
-        self.last_sequence = self.snapshot_sequence = snap.sequence
+        self.last_sequence = self.snapshot_sequence = self._flushed_sequence = snap.sequence
         self.events_handled = snap.events_handled
         self.log.info(kv("snapshot.loaded", sequence=snap.sequence))
 
@@ -169,19 +176,24 @@ class ServiceRuntime(Generic[S]):
             await self._handle(msg, publish=not replaying)
             if replaying:
                 self.events_replayed += 1
+        await self._flush()
 
     async def _consume(self) -> None:
         assert self.bus is not None
         rt = self.cfg.runtime
         sub = await self.bus.durable(self.name, self.definition.subjects, rt.ack_wait)
-        while True:
+        while not self.stopping.is_set():
             try:
                 msgs = await sub.fetch(rt.fetch_batch, timeout=1.0)
-            except NatsTimeout:
+            except (TimeoutError, NatsTimeout):
                 msgs = []
             for msg in msgs:
                 if msg.metadata.sequence.stream > self.last_sequence:
                     await self._handle(msg, publish=True)
+            # Acknowledge only once the log holds every decision of the batch:
+            # a crash before this redelivers them, and the ids make it harmless.
+            await self._flush()
+            for msg in msgs:
                 await msg.ack()
             self._maybe_snapshot()
 
@@ -218,42 +230,61 @@ class ServiceRuntime(Generic[S]):
             self._since_snapshot += 1
             if publish:
                 for index, out in enumerate(decided):
-                    await self.publish(
-                        out, event_id=derived_event_id(self.node_id, self.name, event.event_id, index),
-                        cause=event,
-                    )
+                    event_id = derived_event_id(self.node_id, self.name, event.event_id, index)
+                    await self._publish_decision(out, event_id, event)
         self.telemetry.events_handled.add(1, {"type": kind})
         self.telemetry.handle_latency.record((time.perf_counter() - started) * 1e3, {"type": kind})
         self.log.debug(kv("event.handled", type=kind, seq=sequence, decided=len(decided)))
         await self.changes.bump()
 
-    async def publish(
-        self, out: Outgoing, *, event_id: str | None = None, cause: Event[Any] | None = None,
-    ) -> int:
-        """Publish one event; tasks call it for events that come from the outside world."""
+    async def publish(self, out: Outgoing) -> int:
+        """Publish an event from the outside world (tasks: timers, sockets, netlink)."""
         assert self.bus is not None
         self._emitted += 1
         published = await self.bus.publish_event(
             out.payload, service=self.name, kind=out.kind, aggregate_id=out.aggregate_id,
-            node_id=self.node_id, event_id=event_id, version=self._emitted,
-            cause=cause.envelope if cause else None,
+            node_id=self.node_id, version=self._emitted,
         )
         if not published.duplicate:
             self.events_published += 1
         return published.sequence
 
+    async def _publish_decision(self, out: Outgoing, event_id: str, cause: Event[Any]) -> None:
+        assert self.bus is not None
+        self._emitted += 1
+        self._inflight.append(await self.bus.publish_event_pipelined(
+            out.payload, service=self.name, kind=out.kind, aggregate_id=out.aggregate_id,
+            node_id=self.node_id, event_id=event_id, version=self._emitted,
+            cause=cause.envelope,
+        ))
+
+    async def _flush(self) -> None:
+        """Wait until the log has stored every decision published so far."""
+        inflight, self._inflight = self._inflight, []
+        covered = self.last_sequence
+        for future in inflight:
+            ack = await future
+            if not ack.duplicate:
+                self.events_published += 1
+        self._flushed_sequence = covered
+
     # -- projection --------------------------------------------------------
 
     def _maybe_snapshot(self) -> None:
         rt = self.cfg.runtime
+        elapsed = time.monotonic() - self._last_snapshot_at
         due = self._since_snapshot >= rt.snapshot_every or (
-            self._since_snapshot and time.monotonic() - self._last_snapshot_at >= rt.snapshot_interval
+            self._since_snapshot > 0 and elapsed >= rt.snapshot_interval
         )
         if due:
             self.save_snapshot()
 
     def save_snapshot(self) -> None:
-        if self.last_sequence == self.snapshot_sequence:
+        # A snapshot may only cover events whose decisions the log already
+        # holds: otherwise a restart would skip them and lose those decisions.
+        if self.last_sequence == self.snapshot_sequence or (
+            self.last_sequence != self._flushed_sequence
+        ):
             return
         self.store.save(self.name, Snapshot(
             sequence=self.last_sequence,

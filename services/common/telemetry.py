@@ -26,7 +26,9 @@ class Telemetry:
 
     def __init__(self, service: str, node_id: str, exporter: str) -> None:
         if exporter not in EXPORTERS:
-            raise ValueError(f"telemetry exporter {exporter!r} is not one of {', '.join(EXPORTERS)}")
+            raise ValueError(
+                f"telemetry exporter {exporter!r} is not one of {', '.join(EXPORTERS)}"
+            )
         resource = Resource.create({"service.name": f"mesh-{service}", "mesh.node_id": node_id})
         self.tracer_provider = TracerProvider(resource=resource)
         readers = []
