@@ -12,6 +12,7 @@ cleaned up the same way from what it left on disk.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -34,6 +35,34 @@ ROUTER_ROLES = ("router", "gateway", "exit")
 DEFAULT_SERVICES = ("sharp",)
 
 Progress = Callable[[str], None]
+
+
+TOPOLOGY_FILE = "topology.json"
+
+
+def topology_dict(topology: Topology) -> dict[str, object]:
+    """The topology in the shape of its file, for Topology.from_dict."""
+    nodes = []
+    for spec in topology.nodes:
+        node: dict[str, object] = {"name": spec.name, "role": spec.role}
+        if spec.services is not None:
+            node["services"] = list(spec.services)
+        nodes.append(node)
+    links = []
+    for link in topology.links:
+        entry: dict[str, object] = {"a": link.a, "b": link.b, "loss": link.loss}
+        if link.rate is not None:
+            entry["rate"] = link.rate
+        links.append(entry)
+    return {"name": topology.name, "node": nodes, "link": links}
+
+
+def running_topology(prefix: str, root: Path = EMU_ROOT) -> Topology:
+    """The topology of the mesh started with this prefix; MeshError if there is none."""
+    path = root / prefix / TOPOLOGY_FILE
+    if not path.exists():
+        raise MeshError(f"no emulated mesh {prefix!r} is up (no {path})")
+    return Topology.from_dict(json.loads(path.read_text()), source=str(path))
 
 
 class MeshError(RuntimeError):
@@ -131,6 +160,8 @@ class EmulatedMesh:
         if removed:
             progress(f"cleaned up {len(removed)} namespaces left by an earlier run")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # Later commands (meshctl emu status, down) find the mesh from this file.
+        (self.workdir / TOPOLOGY_FILE).write_text(json.dumps(topology_dict(self.topology)))
         started = time.monotonic()
         self.fabric.create(self.topology)
         progress(
@@ -183,8 +214,7 @@ class EmulatedMesh:
 
     def stop(self, progress: Progress = _quiet, keep_files: bool = True) -> None:
         """Stop every router (services flush their projections), then the fabric."""
-        for router in self.routers.values():
-            stop_supervisord(router.layout)
+        stop_supervisords([router.layout for router in self.routers.values()])
         progress("routers stopped")
         self.fabric.destroy()
         progress("namespaces removed")
@@ -202,20 +232,30 @@ class EmulatedMesh:
             self.stop(progress)
 
 
-def stop_supervisord(layout: NodeLayout, timeout: float = 30.0) -> None:
-    """Ask supervisord to shut down cleanly; kill it if it will not."""
-    try:
-        pid = int(layout.supervisor_pidfile.read_text().strip())
-    except (OSError, ValueError):
-        return
-    supervisorctl(layout, "shutdown")
+def stop_supervisords(layouts: Sequence[NodeLayout], timeout: float = 30.0) -> None:
+    """Stop several routers at once: SIGTERM to each supervisord, which stops its
+    services cleanly (they flush their projections); SIGKILL what outlives timeout."""
+    pids = []
+    for layout in layouts:
+        try:
+            pid = int(layout.supervisor_pidfile.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            pids.append(pid)
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while any(_alive(pid) for pid in pids):
         if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
+
+
+def stop_supervisord(layout: NodeLayout, timeout: float = 30.0) -> None:
+    stop_supervisords([layout], timeout)
 
 
 def _alive(pid: int) -> bool:
@@ -234,7 +274,6 @@ def clean(prefix: str, root: Path = EMU_ROOT) -> list[str]:
     """Remove whatever an earlier run with this prefix left: routers, then namespaces."""
     workdir = root / prefix
     if workdir.is_dir():
-        for node_dir in sorted(workdir.iterdir()):
-            if NodeLayout(node_dir).supervisor_file.exists():
-                stop_supervisord(NodeLayout(node_dir), timeout=10.0)
+        layouts = [NodeLayout(d) for d in sorted(workdir.iterdir()) if d.is_dir()]
+        stop_supervisords([lay for lay in layouts if lay.supervisor_file.exists()], timeout=10.0)
     return cleanup_stale(prefix)

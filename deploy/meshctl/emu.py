@@ -16,8 +16,6 @@ from deploy.emulator.topology import TOPOLOGIES_DIR, Topology, TopologyError
 from . import client
 from .tables import table
 
-TOPOLOGY_COPY = "topology.toml"
-
 
 class EmuError(RuntimeError):
     """An emulated-mesh command failed; the message says why."""
@@ -65,8 +63,6 @@ def _start(args: argparse.Namespace) -> mesh_mod.EmulatedMesh:
         _progress(f"failed: {err}; tearing down")
         emulated.stop(_progress)
         raise EmuError(str(err)) from None
-    shutil.copyfile(topology.path if topology.path else args.topology,
-                    emulated.workdir / TOPOLOGY_COPY)
     return emulated
 
 
@@ -77,10 +73,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def _running_mesh(args: argparse.Namespace) -> mesh_mod.EmulatedMesh:
-    copy = mesh_mod.EMU_ROOT / args.prefix / TOPOLOGY_COPY
-    if not copy.exists():
-        raise EmuError(f"no emulated mesh {args.prefix!r} is up (no {copy})")
-    return _mesh(args, Topology.load(copy))
+    try:
+        return _mesh(args, mesh_mod.running_topology(args.prefix))
+    except mesh_mod.MeshError as err:
+        raise EmuError(str(err)) from None
 
 
 def cmd_down(args: argparse.Namespace) -> int:
