@@ -118,18 +118,23 @@ def cmd_inject(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         bus = await Bus.connect(node.config.node.nats_url, "meshctl", connect_timeout=5.0)
+        seq = 0
         try:
-            for seq in range(1, args.count + 1):
+            while args.count == 0 or seq < args.count:
+                seq += 1
                 await bus.publish_event(
                     sharp_pb2.PingSent(sequence=seq, value=seq, origin=args.origin),
                     service="sharp", kind="ping", aggregate_id=args.origin,
                     node_id=node.config.node.id, version=seq, source="meshctl",
                 )
+                if args.rate:
+                    await asyncio.sleep(1.0 / args.rate)
         finally:
             await bus.close()
-        print(f"published {args.count} pings from {args.origin}")
+            print(f"published {seq} pings from {args.origin}")
 
-    asyncio.run(run())
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
     return 0
 
 
@@ -160,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     inject = sub.add_parser("inject", help="publish test traffic on the node's bus")
     inject_sub = inject.add_subparsers(dest="what", required=True)
     ping = inject_sub.add_parser("ping", help="PingSent events for sharp")
-    ping.add_argument("--count", type=int, default=1, help="how many (default 1)")
+    ping.add_argument("--count", type=int, default=1,
+                      help="how many (default 1; 0: until interrupted)")
+    ping.add_argument("--rate", type=float, default=0.0,
+                      help="pings per second (default: as fast as the log stores them)")
     ping.add_argument("--origin", default="meshctl", help="origin name (aggregate id)")
     ping.set_defaults(func=cmd_inject)
 
@@ -173,8 +181,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if getattr(args, "subject", None) is None and args.command == "events":
         args.subject = ["evt.>"]
-    if args.command == "inject" and args.count < 1:
-        parser.error("--count must be at least 1")
+    if args.command == "inject" and (args.count < 0 or args.rate < 0):
+        parser.error("--count and --rate must not be negative")
     client.import_all_schemas()
     try:
         code = args.func(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -112,13 +113,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     emulated = _start(args)
+    traffic = [_ping_forever(router, args.ping_rate) for router in emulated.routers.values()
+               if "sharp" in router.services]
+    _progress(f"traffic: {args.ping_rate:g} pings/s into sharp on {len(traffic)} routers")
     tty = sys.stdout.isatty()
     deadline = time.monotonic() + args.duration if args.duration else None
     try:
         while deadline is None or time.monotonic() < deadline:
-            for router in emulated.routers.values():
-                if "sharp" in router.services:
-                    _ping(router, count=10)
             rows = status_rows(emulated)
             if tty:
                 print("\033[2J\033[H", end="")
@@ -127,25 +128,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
             time.sleep(1.0)
     except KeyboardInterrupt:
         print()
+    finally:
+        for process in traffic:
+            process.terminate()
+        for process in traffic:
+            process.wait(timeout=30)
     rows = status_rows(emulated)
     healthy = all(r[2] == "SERVING" for r in rows)
-    print(f"final state:\n{table(STATUS_HEADERS, rows)}")
+    handled = sum(int(r[4]) for r in rows if r[2] == "SERVING")
+    print(f"final state ({handled} events handled across the mesh):\n"
+          f"{table(STATUS_HEADERS, rows)}")
     if args.keep:
         print(f"left running: `meshctl emu down --prefix {args.prefix}` removes it")
     else:
         emulated.stop(_progress, keep_files=False)
-    return 0 if healthy else 1
+    return 0 if healthy and handled > 0 else 1
 
 
-def _ping(router: mesh_mod.RouterNode, count: int) -> None:
-    """Test traffic through sharp on one router (from inside its namespace)."""
-    import subprocess
-
-    subprocess.run(
+def _ping_forever(router: mesh_mod.RouterNode, rate: float) -> subprocess.Popen[bytes]:
+    """Test traffic into sharp on one router, from inside its namespace."""
+    return subprocess.Popen(
         ["ip", "netns", "exec", router.namespace, sys.executable, "-m", "deploy.meshctl",
-         "-n", str(router.layout.root), "inject", "ping", "--count", str(count),
-         "--origin", "demo"],
-        check=True, capture_output=True, timeout=30,
+         "-n", str(router.layout.root), "inject", "ping", "--count", "0",
+         "--rate", str(rate), "--origin", "demo"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
 
@@ -182,4 +188,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     demo.add_argument("--duration", type=float, default=0.0,
                       help="seconds to run before tearing down (default: until Ctrl-C)")
     demo.add_argument("--keep", action="store_true", help="leave the mesh running at the end")
+    demo.add_argument("--ping-rate", type=float, default=20.0,
+                      help="test pings per second into each router's sharp (default 20)")
     demo.set_defaults(func=cmd_demo)
