@@ -25,6 +25,8 @@ debian_packages=(
     python3-venv
     gcc
     make
+    libnftables-dev   # the dataplane shim links libnftables
+    pkg-config
 )
 missing=()
 for pkg in "${debian_packages[@]}"; do
