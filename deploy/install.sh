@@ -52,6 +52,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$venv/bin/pip" install -q -e ".[test]"
     echo "$want" > "$stamp"
 fi
+make -C "$repo/dataplane" -s
 
 say "generating protobuf code"
 "$venv/bin/python" -m proto.build

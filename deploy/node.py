@@ -107,7 +107,7 @@ def render_runtime_section(overrides: Mapping[str, object]) -> str:
 
 def render_node_toml(
     node_id: str, layout: NodeLayout, nats_port: int, services: Sequence[str], netns: str,
-    log_level: str, runtime: Mapping[str, object],
+    log_level: str, runtime: Mapping[str, object], interfaces: Sequence[str] = (),
 ) -> str:
     listed = ", ".join(_toml_str(s) for s in services)
     return f"""\
@@ -120,6 +120,7 @@ run_dir = {_toml_str(str(layout.run_dir))}
 nats_port = {nats_port}
 log_level = {_toml_str(log_level)}
 netns = {_toml_str(netns)}
+interfaces = [{", ".join(_toml_str(i) for i in interfaces)}]
 services = [{listed}]
 
 [telemetry]
@@ -203,13 +204,16 @@ def init_node(
     netns: str = "",
     log_level: str = "info",
     runtime: Mapping[str, object] | None = None,
+    interfaces: Sequence[str] = (),
 ) -> NodeLayout:
     """Write a node's files into root (creating its directories); return the layout."""
     layout = NodeLayout(root.resolve())
     for directory in (layout.root, layout.data_dir, layout.run_dir, layout.log_dir):
         directory.mkdir(parents=True, exist_ok=True)
     layout.node_file.write_text(
-        render_node_toml(node_id, layout, nats_port, services, netns, log_level, runtime or {})
+        render_node_toml(
+            node_id, layout, nats_port, services, netns, log_level, runtime or {}, interfaces
+        )
     )
     layout.nats_file.write_text(render_nats_conf(node_id, layout, nats_port))
     layout.supervisor_file.write_text(render_supervisord_conf(node_id, layout, services))

@@ -32,7 +32,7 @@ from .topology import Topology
 
 EMU_ROOT = Path(os.environ.get("MESH_EMU_ROOT", "/var/lib/mesh-emu"))
 ROUTER_ROLES = ("router", "gateway", "exit")
-DEFAULT_SERVICES = ("sharp",)
+DEFAULT_SERVICES = ("discovery", "link", "sharp")
 
 Progress = Callable[[str], None]
 

@@ -41,6 +41,11 @@ class NodeSettings:
         default="",
         metadata={"help": "network namespace the node runs in (emulated mesh), empty on hardware"},
     )
+    interfaces: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "physical interfaces facing neighbors (empty: every interface "
+                  "with an IPv6 link-local address but lo and the tunnels)"},
+    )
     services: tuple[str, ...] = field(
         default=("sharp",), metadata={"help": "services supervisord runs on this node"}
     )

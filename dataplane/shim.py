@@ -1,0 +1,143 @@
+"""ctypes binding of libmeshdp: nft command batches applied in-process.
+
+    nft = Nft()                      # this thread's network namespace
+    nft = Nft(netns="r2")            # /run/netns/r2, from any namespace
+    nft.run("add table inet t")      # nft's text output; NftError on failure
+    nft.json("list tables")          # nft's JSON objects, metainfo left out
+
+A context binds to the namespace it is opened in: libnftables opens its
+netlink socket then. Only commands that name interfaces by string (`iifname`,
+not `iif`) are safe on a context opened for another namespace, because
+libnftables resolves interface indexes in the caller's current namespace.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json as jsonlib
+import os
+import threading
+import weakref
+from functools import cache
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+LIBRARY = Path(__file__).with_name("libmeshdp.so")
+NETNS_DIR = Path("/run/netns")  # where `ip netns add` puts named namespaces
+NFT_CTX_OUTPUT_JSON = 1 << 4  # libnftables.h
+
+# libnftables keeps process-wide state (its interface cache), so calls through
+# different contexts must not overlap either: one lock for all of them.
+_lock = threading.Lock()
+
+
+class ShimNotBuilt(RuntimeError):
+    """libmeshdp.so is missing: the set-up step that builds it has not run."""
+
+
+class NftError(Exception):
+    """nft refused a batch; nothing of it was applied (a batch is one transaction)."""
+
+    def __init__(self, commands: str, rc: int, error: str) -> None:
+        self.commands = commands
+        self.rc = rc
+        self.error = error.strip()
+        super().__init__(
+            f"nft failed (rc {rc}): {self.error or 'no error text'}\n"
+            f"--- commands ---\n{commands.rstrip()}"
+        )
+
+
+@cache
+def _library() -> ctypes.CDLL:
+    if not LIBRARY.exists():
+        raise ShimNotBuilt(
+            "dataplane/libmeshdp.so is not built: run `bash deploy/install.sh` "
+            "(or make -C dataplane)"
+        )
+    lib = ctypes.CDLL(str(LIBRARY), use_errno=True)
+    lib.meshdp_ctx_new.argtypes = [ctypes.c_char_p]
+    lib.meshdp_ctx_new.restype = ctypes.c_void_p
+    lib.meshdp_ctx_free.argtypes = [ctypes.c_void_p]
+    lib.meshdp_ctx_free.restype = None
+    # c_void_p rather than c_char_p for the strings: ctypes would convert a
+    # c_char_p to bytes and lose the pointer that must be freed.
+    lib.meshdp_run.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+        ctypes.POINTER(ctypes.c_void_p),
+        ctypes.POINTER(ctypes.c_void_p),
+    ]
+    lib.meshdp_run.restype = ctypes.c_int
+    lib.meshdp_str_free.argtypes = [ctypes.c_void_p]
+    lib.meshdp_str_free.restype = None
+    return lib
+
+
+def _take_string(lib: ctypes.CDLL, pointer: ctypes.c_void_p) -> str:
+    try:
+        return ctypes.string_at(pointer.value).decode(errors="replace") if pointer.value else ""
+    finally:
+        lib.meshdp_str_free(pointer)
+
+
+class Nft:
+    """One libnftables context with buffered output, in one network namespace."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        """netns: a name under /run/netns or a namespace file path; None = this thread's."""
+        lib = _library()
+        path = None if netns is None else str(netns if "/" in netns else NETNS_DIR / netns)
+        with _lock:
+            ctx = lib.meshdp_ctx_new(os.fsencode(path) if path else None)
+        if not ctx:
+            code = ctypes.get_errno()
+            where = f" in network namespace {path}" if path else ""
+            raise OSError(code, f"cannot open an nftables context{where}: {os.strerror(code)}")
+        self.netns = netns
+        self._lib = lib
+        self._ctx: int = ctx
+        self._free = weakref.finalize(self, lib.meshdp_ctx_free, ctx)
+
+    def run(self, commands: str) -> str:
+        """Apply a batch of nft commands atomically; return what nft printed."""
+        return self._call(commands, 0)
+
+    def json(self, commands: str) -> list[dict[str, Any]]:
+        """Run one listing command with JSON output; return its objects."""
+        out = self._call(commands, NFT_CTX_OUTPUT_JSON)
+        if not out.strip():
+            return []
+        return [obj for obj in jsonlib.loads(out)["nftables"] if "metainfo" not in obj]
+
+    def close(self) -> None:
+        self._free()
+
+    def __enter__(self) -> Nft:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _call(self, commands: str, flags: int) -> str:
+        if not self._free.alive:
+            raise ValueError("this Nft context is closed")
+        if "\0" in commands:
+            raise ValueError("nft commands must not contain NUL characters")
+        out, err = ctypes.c_void_p(), ctypes.c_void_p()
+        with _lock:
+            rc = self._lib.meshdp_run(
+                self._ctx, commands.encode(), flags, ctypes.byref(out), ctypes.byref(err)
+            )
+        stdout, stderr = _take_string(self._lib, out), _take_string(self._lib, err)
+        if rc == -errno.ENOMEM and out.value is None:
+            raise MemoryError("libmeshdp could not copy nft's output")
+        if rc != 0:
+            raise NftError(commands, rc, stderr)
+        return stdout

@@ -1,0 +1,41 @@
+"""Which interfaces are a router's physical links (the ones facing neighbors).
+
+Read from /proc rather than netlink: services call this from inside their
+asyncio loop, where pyroute2's synchronous IPRoute cannot run."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+TUNNEL_PREFIX = "mw"
+IF_INET6 = Path("/proc/net/if_inet6")
+
+
+@dataclass(frozen=True)
+class Interface:
+    name: str
+    index: int
+
+
+def _with_link_local() -> set[str]:
+    names = set()
+    for line in IF_INET6.read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 6 and fields[0].startswith("fe80"):
+            names.add(fields[5])
+    return names
+
+
+def physical_interfaces(configured: tuple[str, ...]) -> list[Interface]:
+    """The configured interfaces, or every one with an IPv6 link-local address
+    except loopback and tunnels; missing configured ones are skipped."""
+    links = {name: index for index, name in socket.if_nameindex()}
+    if configured:
+        return [Interface(n, links[n]) for n in configured if n in links]
+    return sorted(
+        (Interface(name, links[name]) for name in _with_link_local() & set(links)
+         if name != "lo" and not name.startswith(TUNNEL_PREFIX)),
+        key=lambda i: i.name,
+    )

@@ -1,0 +1,38 @@
+"""discovery's only I/O: one UDP socket per physical interface, joined to the
+hello group on that link, sending and receiving hellos."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from services.common.interfaces import Interface
+
+from .hello import HELLO_GROUP, HELLO_PORT, MAX_HELLO_BYTES
+
+
+def open_socket(interface: Interface) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.name.encode())
+    group = socket.inet_pton(socket.AF_INET6, HELLO_GROUP) + struct.pack("@I", interface.index)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, group)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, interface.index)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 1)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
+    sock.bind(("::", HELLO_PORT))
+    sock.setblocking(False)
+    return sock
+
+
+def send_hello(sock: socket.socket, interface: Interface, data: bytes) -> None:
+    sock.sendto(data, (HELLO_GROUP, HELLO_PORT, 0, interface.index))
+
+
+def receive(sock: socket.socket) -> tuple[bytes, str] | None:
+    """One datagram (truncated past the size any hello may have) and its source."""
+    try:
+        data, source = sock.recvfrom(MAX_HELLO_BYTES + 1)
+    except BlockingIOError:
+        return None
+    return data, source[0].split("%")[0]

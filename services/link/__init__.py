@@ -1,0 +1,2 @@
+"""link: a mutual signed handshake with each neighbor discovery hears, then one
+WireGuard tunnel per neighbor; only packets from those tunnels are forwarded."""
