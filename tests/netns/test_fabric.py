@@ -7,14 +7,10 @@ uses its own prefix and a fixture that removes its namespaces even on failure.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import itertools
 import json
 import os
-import select
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import textwrap
@@ -29,6 +25,7 @@ from pyroute2 import IPRoute, netns
 from deploy.emulator.fabric import Fabric, FabricError, cleanup_stale
 from deploy.emulator.preflight import MIN_INOTIFY_INSTANCES, preflight
 from deploy.emulator.topology import TOPOLOGIES_DIR, Topology, TopologyError
+from tests.netns.probes import echo_request, icmp6_socket, ping6
 
 REPO = Path(__file__).resolve().parents[2]
 LINE3 = TOPOLOGIES_DIR / "line3.toml"
@@ -74,46 +71,6 @@ def fabric(machine_ready: None, tmp_path: Path) -> Iterator[Fabric]:
             fab.destroy()
         finally:
             cleanup_stale(prefix, state_dir=tmp_path)
-
-
-# -- ICMPv6 echo from inside a namespace (the machine has no ping binary) ------
-
-ECHO_REQUEST, ECHO_REPLY = 128, 129
-
-
-def icmp6_socket(ns: str) -> socket.socket:
-    # flags=0: fail rather than create the namespace if it is missing.
-    return netns.create_socket(
-        ns, socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6, flags=0
-    )
-
-
-def echo_request(ident: int, seq: int) -> bytes:
-    # The kernel fills in the ICMPv6 checksum on raw ICMPv6 sockets.
-    return struct.pack("!BBHHH", ECHO_REQUEST, 0, 0, ident, seq) + b"meshemu"
-
-
-def ping6(ns: str, dst: str, count: int, interval: float = 0.002, grace: float = 1.0) -> int:
-    """Send `count` echo requests from `ns`; return how many got a reply."""
-    ident = os.getpid() & 0xFFFF
-    want = ipaddress.ip_address(dst)
-    replies: set[int] = set()
-
-    def receive(until: float) -> None:
-        while len(replies) < count and (left := until - time.monotonic()) > 0:
-            if not select.select([sock], [], [], left)[0]:
-                return
-            data, source = sock.recvfrom(2048)
-            kind, _code, _sum, rid, seq = struct.unpack("!BBHHH", data[:8])
-            if kind == ECHO_REPLY and rid == ident and ipaddress.ip_address(source[0]) == want:
-                replies.add(seq)
-
-    with icmp6_socket(ns) as sock:
-        for seq in range(count):
-            sock.sendto(echo_request(ident, seq), (dst, 0))
-            receive(time.monotonic() + interval)
-        receive(time.monotonic() + grace)
-    return len(replies)
 
 
 # -- namespaces and links ------------------------------------------------------
