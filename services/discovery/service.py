@@ -136,9 +136,9 @@ class HelloLoop:
             now = now_ms()
             if now >= next_hello:
                 self.refresh_interfaces()
-                for interface, sock in self.sockets.values():
+                for offset, (interface, sock) in enumerate(self.sockets.values()):
                     hello = encode_hello(self.identity, self.rt.node_id, HANDSHAKE_PORT,
-                                         interval, now)
+                                         interval, now + offset)
                     try:
                         effects.send_hello(sock, interface, hello)
                     except OSError as err:

@@ -54,8 +54,10 @@ class NeighborTable:
     max_per_interface: int = 64
     max_hellos_per_second: float = 10.0
     entries: dict[str, Entry] = field(default_factory=dict)
-    # Newest accepted sent_at per (identity key, interface): hellos only move forward.
-    last_sent_at: dict[tuple[bytes, str], int] = field(default_factory=dict)
+    # Newest accepted sent_at per identity key, across interfaces: a hello
+    # captured on one link and replayed on another is no newer, so refused.
+    # Senders stamp each interface's hello 1 ms apart for this reason.
+    last_sent_at: dict[bytes, int] = field(default_factory=dict)
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
 
     def admit(self, source: str, now_ms: int) -> None:
@@ -77,7 +79,7 @@ class NeighborTable:
         self, hello: HelloInfo, interface: str, source: str, now_ms: int
     ) -> discovery_pb2.NeighborSeen | None:
         """A valid hello arrived: the NeighborSeen to publish, or None if it is no news."""
-        last = self.last_sent_at.get((hello.identity_key, interface))
+        last = self.last_sent_at.get(hello.identity_key)
         if last is not None and hello.sent_at_ms <= last:
             raise Replayed(f"sent_at {hello.sent_at_ms} is not after {last}")
         key = entry_key(hello.node_id, interface)
@@ -102,9 +104,9 @@ class NeighborTable:
                 raise TableFull(f"{interface} has {on_interface} neighbors already")
             seen.reason = discovery_pb2.NEIGHBOR_SEEN_REASON_FIRST
             self.entries[key] = Entry(seen, now_ms, hello.sent_at_ms)
-            self.last_sent_at[(hello.identity_key, interface)] = hello.sent_at_ms
+            self.last_sent_at[hello.identity_key] = hello.sent_at_ms
             return seen
-        self.last_sent_at[(hello.identity_key, interface)] = hello.sent_at_ms
+        self.last_sent_at[hello.identity_key] = hello.sent_at_ms
         entry.last_heard_ms = now_ms
         entry.last_sent_at_ms = hello.sent_at_ms
         if _same_neighbor(entry.seen, seen):
@@ -132,8 +134,8 @@ class NeighborTable:
         fresh dead interval to be heard again instead of being dropped at once."""
         key = entry_key(seen.neighbor_id, seen.interface_name)
         self.entries[key] = Entry(seen, now_ms, seen.hello_sent_at.ToMilliseconds())
-        self.last_sent_at[(seen.identity_key, seen.interface_name)] = (
-            seen.hello_sent_at.ToMilliseconds()
+        self.last_sent_at[seen.identity_key] = max(
+            self.last_sent_at.get(seen.identity_key, 0), seen.hello_sent_at.ToMilliseconds()
         )
 
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ from .tunnels import TunnelError, Tunnels, TunnelSpec, link_local_for, tunnel_na
 log = logging.getLogger("link")
 
 INIT, RESPONSE = b"\x01", b"\x02"
+PKTINFO = struct.Struct("16sI")  # struct in6_pktinfo
 REJECTION_LOG_EVERY_S = 10.0
 
 REJECT_REASONS = {
@@ -53,6 +55,14 @@ REJECT_REASONS = {
     "unknown-neighbor": link_pb2.LINK_REJECT_REASON_UNKNOWN_NEIGHBOR,
     "identity-mismatch": link_pb2.LINK_REJECT_REASON_IDENTITY_MISMATCH,
 }
+
+
+class Refused(ValueError):
+    """A well-formed handshake this router will not accept (who sent it, not how)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -92,11 +102,13 @@ class LinkLoop:
         self.policy = ForwardingPolicy(Nft())
         self.responder = Responder(self.identity, rt.node_id)
         self.pending: dict[str, Pending] = {}
+        self.assigned: dict[str, int] = {}
         self.last_attempt: dict[str, float] = {}
         self.rx: dict[str, tuple[int, float]] = {}
         self.rejections: dict[tuple[str, str], tuple[int, float]] = {}
         self.sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
         self.sock.bind(("::", HANDSHAKE_PORT))
         self.sock.setblocking(False)
 
@@ -119,9 +131,12 @@ class LinkLoop:
             return link.up.listen_port
         if neighbor_id in self.pending:
             return self.pending[neighbor_id].listen_port
+        if neighbor_id in self.assigned:
+            return self.assigned[neighbor_id]
         used = {link.up.listen_port for link in self.rt.state.links.values()
                 if link.status == link_pb2.LINK_STATUS_UP}
-        used |= {p.listen_port for p in self.pending.values()}
+        # Ports of links announced but not yet back through the log count too.
+        used |= {p.listen_port for p in self.pending.values()} | set(self.assigned.values())
         for port in range(self.settings.wireguard_port_min, self.settings.wireguard_port_max + 1):
             if port not in used:
                 return port
@@ -159,17 +174,17 @@ class LinkLoop:
                 await self.complete(body, address, interface)
             else:
                 raise HandshakeRejected("decode", f"unknown message kind {kind.hex() or 'empty'}")
-        except HandshakeRejected as err:
+        except (HandshakeRejected, Refused) as err:
             await self.reject(err.reason, str(err), address, interface)
 
     async def answer(self, body: bytes, address: str, interface: str) -> None:
         offer = self.responder.peek(body, now_ms())
         seen = self.rt.state.neighbors.get(offer.node_id)
         if seen is None or seen.interface_name != interface:
-            raise HandshakeRejected("unknown-neighbor",
+            raise Refused("unknown-neighbor",
                                     f"{offer.node_id} has sent no valid hello on {interface}")
         if seen.identity_key != offer.identity_key:
-            raise HandshakeRejected("identity-mismatch",
+            raise Refused("identity-mismatch",
                                     f"{offer.node_id}'s hello was signed by another key")
         port = self.port_for(offer.node_id)
         response, offer = self.responder.respond(body, now_ms(), port)
@@ -201,6 +216,7 @@ class LinkLoop:
         current = self.rt.state.links.get(offer.node_id)
         if current is not None and current.status == link_pb2.LINK_STATUS_UP and current.up == up:
             return  # a retried handshake that changes nothing
+        self.assigned[offer.node_id] = port
         log.info(kv("link.up", neighbor=offer.node_id, tunnel=up.tunnel_interface,
                     interface=interface, port=port, peer_port=offer.wireguard_port))
         await self.rt.publish(Outgoing("up", offer.node_id, up))
@@ -235,16 +251,20 @@ class LinkLoop:
             )
         return wanted
 
-    def reconcile(self, wanted: dict[str, TunnelSpec]) -> None:
-        """Make the kernel's tunnels and forwarding set match the projection."""
+    def reconcile(self, wanted: dict[str, TunnelSpec]) -> bool:
+        """Make the kernel's tunnels and forwarding set match the projection;
+        False if a tunnel could not be made (the caller tries again)."""
         for name in self.tunnels.existing() - set(wanted):
             self.tunnels.remove(name)
+        working = set()
         for spec in wanted.values():
             try:
                 self.tunnels.ensure(spec)
+                working.add(spec.name)
             except TunnelError as err:
                 log.warning(kv("tunnel.failed", tunnel=spec.name, error=err))
-        self.policy.set_tunnels(set(wanted) & self.tunnels.existing())
+        self.policy.set_tunnels(working)
+        return working == set(wanted)
 
     async def check_liveness(self) -> None:
         now = time.monotonic()
@@ -276,24 +296,33 @@ class LinkLoop:
         def readable() -> None:
             while True:
                 try:
-                    data, source = self.sock.recvfrom(MAX_HANDSHAKE_BYTES + 2)
+                    data, ancillary, _flags, source = self.sock.recvmsg(
+                        MAX_HANDSHAKE_BYTES + 2, socket.CMSG_SPACE(PKTINFO.size)
+                    )
                 except BlockingIOError:
                     return
+                # The arrival interface from IPV6_PKTINFO: a global source
+                # address carries no scope id to tell it.
+                index = next((PKTINFO.unpack(data_)[1] for level, kind, data_ in ancillary
+                              if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO),
+                             source[3])
                 with contextlib.suppress(OSError, asyncio.QueueFull):
-                    interface = socket.if_indextoname(source[3])
+                    interface = socket.if_indextoname(index)
                     inbox.put_nowait((data, source[0].split("%")[0], interface))
 
         loop.add_reader(self.sock.fileno(), readable)
         self.install_policy()
         log.info(kv("tunnels.backend", backend=self.tunnels.backend))
         seen_version = -1
+        retry_at = float("inf")
         next_liveness = 0.0
         while True:
-            if self.rt.changes.version != seen_version:
+            if self.rt.changes.version != seen_version or time.monotonic() >= retry_at:
                 seen_version = self.rt.changes.version
                 # The projection is read here, on the loop that owns it; the
                 # slow kernel work runs in a thread.
-                await asyncio.to_thread(self.reconcile, self.wanted_tunnels())
+                done = await asyncio.to_thread(self.reconcile, self.wanted_tunnels())
+                retry_at = float("inf") if done else time.monotonic() + 1.0
             await self.initiate()
             if time.monotonic() >= next_liveness:
                 next_liveness = time.monotonic() + 1.0

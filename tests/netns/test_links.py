@@ -1,0 +1,268 @@
+"""Discovery and authenticated links in real namespaces with real WireGuard
+(wireguard-go here: this kernel has no module) and the real forwarding policy."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mesh.discovery.v1 import discovery_pb2, hello_pb2
+from mesh.link.v1 import link_pb2
+from pyroute2 import netns
+
+from dataplane.policy import ForwardingPolicy
+from dataplane.shim import Nft
+from deploy.emulator.mesh import EmulatedMesh, clean, service_pid
+from deploy.emulator.topology import Topology
+from deploy.meshctl import client
+from services.common.identity import Identity
+from services.discovery.hello import HELLO_GROUP, HELLO_PORT, HELLO_TAG, encode_hello
+from services.link.handshake import HANDSHAKE_PORT, Initiator
+from tests.conftest import require_root, wait_for
+from tests.netns.probes import ping6
+
+pytestmark = [pytest.mark.netns, pytest.mark.emulator]
+
+SERVICES = ("discovery", "link")
+_prefixes = itertools.count()
+
+
+def line3(extra_host: bool = False) -> Topology:
+    nodes = [{"name": "r1"}, {"name": "r2"}, {"name": "r3"}]
+    links = [{"a": "r1", "b": "r2"}, {"a": "r2", "b": "r3"}]
+    if extra_host:
+        nodes.append({"name": "ix", "role": "internet"})
+        links.append({"a": "ix", "b": "r2"})
+    return Topology.from_dict({"name": "links", "node": nodes, "link": links})
+
+
+@pytest.fixture
+def mesh_factory(tmp_path: Path) -> Iterator[object]:
+    require_root()
+    started: list[EmulatedMesh] = []
+
+    def make(topology: Topology) -> EmulatedMesh:
+        prefix = f"l{os.getpid() % 10000}x{next(_prefixes)}"
+        mesh = EmulatedMesh(topology, prefix=prefix, root=tmp_path, services=SERVICES)
+        started.append(mesh)
+        mesh.start()
+        return mesh
+
+    yield make
+    for mesh in started:
+        mesh.stop()
+        clean(mesh.prefix, tmp_path)
+
+
+def link_state(mesh: EmulatedMesh, router: str) -> link_pb2.LinkState:
+    state = link_pb2.LinkState()
+    client.status(mesh.routers[router].layout.socket("link")).state.Unpack(state)
+    return state
+
+
+def up_links(mesh: EmulatedMesh, router: str) -> dict[str, link_pb2.LinkUp]:
+    return {n: link.up for n, link in link_state(mesh, router).links.items()
+            if link.status == link_pb2.LINK_STATUS_UP}
+
+
+def all_linked(mesh: EmulatedMesh) -> bool:
+    """Every link up in every projection, and its tunnel forwarding in the kernel."""
+    want = {"r1": {"r2"}, "r2": {"r1", "r3"}, "r3": {"r2"}}
+    for router, peers in want.items():
+        ups = up_links(mesh, router)
+        if set(ups) != peers:
+            return False
+        with Nft(mesh.fabric.netns(router)) as nft:
+            if ForwardingPolicy(nft).tunnels() != {up.tunnel_interface for up in ups.values()}:
+                return False
+    return True
+
+
+def ns_run(mesh: EmulatedMesh, node: str, *argv: str) -> str:
+    return mesh.fabric.run(node, list(argv)).stdout
+
+
+def route_over_tunnels(mesh: EmulatedMesh) -> None:
+    """Static routes between the routers' own addresses over the tunnels (Babel's
+    job in a later issue): r1 <-> r2 <-> r3."""
+    for router in ("r1", "r2", "r3"):
+        for neighbor, up in up_links(mesh, router).items():
+            far = {"r1": ["r1"], "r3": ["r3"], "r2": ["r2"]}[neighbor]
+            if router != "r2":
+                far = ["r2", "r3" if router == "r1" else "r1"]
+            for target in far:
+                ns_run(mesh, router, "ip", "-6", "route", "replace",
+                       f"{mesh.fabric.nodes[target].ipv6}/128",
+                       "via", up.tunnel_peer_address, "dev", up.tunnel_interface)
+
+
+def refused(mesh: EmulatedMesh, router: str) -> dict[str, int]:
+    with Nft(mesh.fabric.netns(router)) as nft:
+        return ForwardingPolicy(nft).counters()
+
+
+def test_three_routers_link_up_and_forward_only_tunnel_traffic(
+    mesh_factory: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started = time.monotonic()
+    mesh = mesh_factory(line3())  # type: ignore[operator]
+    wait_for("all links up", lambda: all_linked(mesh), timeout=60)
+    elapsed = time.monotonic() - started
+    with capsys.disabled():
+        print(f"\n  3 routers in a line: start to all links up {elapsed:.1f}s")
+    r2 = up_links(mesh, "r2")
+    assert r2["r1"].backend == link_pb2.TUNNEL_BACKEND_WIREGUARD_GO
+    assert r2["r1"].physical_interface == "v-r1"
+    # the kernel gets exactly the tunnels the projection says, and forwards for them
+    with Nft(mesh.fabric.netns("r2")) as nft:
+        wait_for("r2's tunnels in its forwarding policy", lambda: ForwardingPolicy(nft).tunnels()
+                 == {up.tunnel_interface for up in r2.values()})
+    route_over_tunnels(mesh)
+    r1, r3 = mesh.fabric.netns("r1"), mesh.fabric.nodes["r3"].ipv6
+    assert ping6(r1, r3, count=20) == 20  # r1 -> r2 -> r3, tunnels all the way
+    # the same packets on the raw veth are not forwarded by r2
+    before = refused(mesh, "r2")["forward_refused"]
+    ns_run(mesh, "r1", "ip", "-6", "route", "replace", f"{r3}/128",
+           "via", mesh.fabric.link_address("r2", "r1"), "dev", "v-r2")
+    assert ping6(r1, r3, count=10, grace=0.5) == 0
+    assert refused(mesh, "r2")["forward_refused"] >= before + 10
+
+
+def ifindex(namespace: str, interface: str) -> int:
+    out = subprocess.run(["ip", "netns", "exec", namespace, "cat",
+                          f"/sys/class/net/{interface}/ifindex"],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out)
+
+
+def udp_to(namespace: str, data: bytes, address: str, port: int, interface: str,
+           source: str | None = None) -> None:
+    sock = netns.create_socket(namespace, socket.AF_INET6, socket.SOCK_DGRAM, 0, flags=0)
+    with sock:
+        if source:
+            sock.bind((source, 0))
+        sock.sendto(data, (address, port, 0, ifindex(namespace, interface)))
+
+
+def forged_hello(impostor: Identity, victim: Identity, now_ms: int) -> bytes:
+    """A hello claiming the victim's identity, signed by someone else."""
+    hello = hello_pb2.Hello(node_id="r1", identity_key=victim.identity_key,
+                            wireguard_key=impostor.wireguard_public, endpoint_port=HANDSHAKE_PORT,
+                            hello_interval_ms=1000, sent_at_ms=now_ms)
+    hello.signature = impostor.sign(HELLO_TAG + hello.SerializeToString(deterministic=True))
+    return hello.SerializeToString(deterministic=True)
+
+
+def test_an_intruder_gets_no_tunnel_and_nothing_forwarded(
+    mesh_factory: object, tmp_path: Path
+) -> None:
+    mesh = mesh_factory(line3(extra_host=True))  # type: ignore[operator]
+    wait_for("all links up", lambda: all_linked(mesh), timeout=60)
+    route_over_tunnels(mesh)
+    ix, r2_link = mesh.fabric.netns("ix"), mesh.fabric.link_address("r2", "ix")
+    pids = {s: service_pid(mesh.routers["r2"].layout, s) for s in SERVICES}
+    r1 = Identity.load_or_create(mesh.routers["r1"].layout.data_dir / "keys")
+    intruder = Identity.load_or_create(tmp_path / "intruder-keys")
+    now = time.time_ns() // 1_000_000
+
+    def hello_to_r2(data: bytes) -> None:
+        udp_to(ix, data, HELLO_GROUP, HELLO_PORT, "v-r2")
+
+    hello_to_r2(b"\x0a\x03garbage")                          # does not decode
+    hello_to_r2(forged_hello(intruder, r1, now))              # r1's key, not r1's signature
+    hello_to_r2(encode_hello(r1, "r1", HANDSHAKE_PORT, 1000, now - 60_000))  # captured, stale
+    hello_to_r2(encode_hello(r1, "r1", HANDSHAKE_PORT, 1000, now - 3_000))   # captured, replayed
+    # a handshake from a stranger that sent no valid hello
+    r2 = Identity.load_or_create(mesh.routers["r2"].layout.data_dir / "keys")
+    init = Initiator(intruder, "ix", 20000, r2.identity_key, now).message
+    udp_to(ix, b"\x01" + init, r2_link, HANDSHAKE_PORT, "v-r2")
+    # fuzz: random datagrams at both ports
+    rng = random.Random(7)
+    for _ in range(200):
+        junk = rng.randbytes(rng.randrange(0, 600))
+        udp_to(ix, junk, r2_link, rng.choice([HELLO_PORT, HANDSHAKE_PORT]), "v-r2")
+    # packets with a real neighbor's source address, towards r3: not forwarded
+    r1_addr, r3_addr = mesh.fabric.nodes["r1"].ipv6, mesh.fabric.nodes["r3"].ipv6
+    ns_run(mesh, "ix", "ip", "-6", "addr", "add", f"{r1_addr}/128", "dev", "lo")
+    ns_run(mesh, "ix", "ip", "-6", "route", "add", f"{r3_addr}/128", "via", r2_link,
+           "dev", "v-r2")
+    listener = netns.create_socket(mesh.fabric.netns("r3"), socket.AF_INET6,
+                                   socket.SOCK_DGRAM, 0, flags=0)
+    listener.bind((r3_addr, 9999))
+    listener.settimeout(1.0)
+    before = refused(mesh, "r2")["forward_refused"]
+    for _ in range(5):
+        udp_to(ix, b"spoofed", r3_addr, 9999, "v-r2", source=r1_addr)
+    with pytest.raises(TimeoutError):
+        listener.recvfrom(100)
+    listener.close()
+    assert refused(mesh, "r2")["forward_refused"] >= before + 5
+
+    log = mesh.routers["r2"].layout.log_dir
+    wait_for("the rejections to be logged", lambda: all(
+        f"reason={reason}" in (log / "discovery.log").read_text()
+        for reason in ("decode", "signature", "stale", "replay")))
+    assert "reason=unknown-neighbor" in (log / "link.log").read_text()
+    state = link_state(mesh, "r2")
+    assert state.rejections["LINK_REJECT_REASON_UNKNOWN_NEIGHBOR"] >= 1
+    assert set(up_links(mesh, "r2")) == {"r1", "r3"}
+    discovery = discovery_pb2.DiscoveryState()
+    client.status(mesh.routers["r2"].layout.socket("discovery")).state.Unpack(discovery)
+    assert set(discovery.neighbors) == {"r1/v-r1", "r3/v-r3"}
+    # nothing crashed
+    assert {s: service_pid(mesh.routers["r2"].layout, s) for s in SERVICES} == pids
+
+
+def test_cutting_a_veth_takes_the_link_down_and_back_up(
+    mesh_factory: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mesh = mesh_factory(line3())  # type: ignore[operator]
+    wait_for("all links up", lambda: all_linked(mesh), timeout=60)
+    cut = time.monotonic()
+    ns_run(mesh, "r2", "ip", "link", "set", "v-r3", "down")
+    wait_for("r2's link to r3 down", lambda: "r3" not in up_links(mesh, "r2"), timeout=30)
+    down_after = time.monotonic() - cut
+    link = link_state(mesh, "r2").links["r3"]
+    assert link.status == link_pb2.LINK_STATUS_DOWN
+    assert link.last_down_reason in (link_pb2.LINK_DOWN_REASON_NEIGHBOR_LOST,
+                                     link_pb2.LINK_DOWN_REASON_LIVENESS_LOST)
+    wait_for("r3's side down too", lambda: "r2" not in up_links(mesh, "r3"), timeout=30)
+    restored = time.monotonic()
+    ns_run(mesh, "r2", "ip", "link", "set", "v-r3", "up")
+    wait_for("the link back up", lambda: all_linked(mesh), timeout=60)
+    up_after = time.monotonic() - restored
+    with capsys.disabled():
+        print(f"\n  veth cut: LinkDown after {down_after:.1f}s; restored: LinkUp after "
+              f"{up_after:.1f}s")
+    assert link_state(mesh, "r2").links["r3"].downs == 1
+
+
+def test_kill_9_of_link_keeps_traffic_and_reconciles(mesh_factory: object) -> None:
+    mesh = mesh_factory(line3())  # type: ignore[operator]
+    wait_for("all links up", lambda: all_linked(mesh), timeout=60)
+    route_over_tunnels(mesh)
+    r1, r3 = mesh.fabric.netns("r1"), mesh.fabric.nodes["r3"].ipv6
+    assert ping6(r1, r3, count=10) == 10
+    before = up_links(mesh, "r2")
+    layout = mesh.routers["r2"].layout
+    victim = service_pid(layout, "link")
+    os.kill(victim, signal.SIGKILL)
+    # forwarding never depended on the service: the tunnels carry on meanwhile
+    assert ping6(r1, r3, count=50, interval=0.01) == 50
+    wait_for("link restarted", lambda: service_pid(layout, "link") != victim, timeout=30)
+    wait_for("link SERVING", lambda: client.health(layout.socket("link")) == "SERVING")
+    assert up_links(mesh, "r2") == before
+    # (wg show lists every wireguard-go socket of the machine: ask the namespace)
+    tunnels = {n for n in ns_run(mesh, "r2", "ls", "/sys/class/net").split()
+               if n.startswith("mw")}
+    assert tunnels == {up.tunnel_interface for up in before.values()}
+    assert all(link.downs == 0 for link in link_state(mesh, "r2").links.values())
+    assert ping6(r1, r3, count=10) == 10
