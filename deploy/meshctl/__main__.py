@@ -1,6 +1,8 @@
 """meshctl: inspect and drive a mesh router from the command line.
 
     meshctl status [SERVICE]          health and projection of each service
+    meshctl identity                  public keys and chain address
+    meshctl neighbors                 neighbors heard, link state, tunnel
     meshctl events [--follow]         the node's event log, decoded
     meshctl inject ping --count N     test traffic for sharp (the chassis' probe)
     meshctl emu up|down|status|clean  the emulated mesh (network namespaces)
@@ -138,6 +140,45 @@ def cmd_inject(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_identity(args: argparse.Namespace) -> int:
+    import base64
+
+    from services.common.identity import Identity, IdentityError
+
+    node = resolve_node(args.node)
+    keys = node.config.node.data_dir / "keys"
+    if not (keys / "identity.key").exists():
+        raise NodeError(f"{keys}: no keys yet (they are made when discovery or link first runs)")
+    try:
+        identity = Identity.load_or_create(keys)
+    except IdentityError as err:
+        raise NodeError(str(err)) from None
+    doc = {
+        "node_id": node.config.node.id,
+        "identity_key": identity.identity_key.hex(),
+        "chain_address": "0x" + identity.chain_address.hex(),
+        "wireguard_key": base64.b64encode(identity.wireguard_public).decode(),
+    }
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print("\n".join(f"{key:<14} {value}" for key, value in doc.items()))
+    return 0
+
+
+def cmd_neighbors(args: argparse.Namespace) -> int:
+    node = resolve_node(args.node)
+    if "link" not in node.services:
+        raise NodeError(f"node {node.config.node.id} runs no link service")
+    rows = client.neighbor_rows(node)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        headers = ["neighbor", "heard_on", "address", "link", "tunnel", "ports", "downs"]
+        print(table(headers, [[r[h] for h in headers] for r in rows]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -153,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("service", nargs="?", help="one service (default: all of the node's)")
     status.add_argument("--json", action="store_true", help="full projections as JSON")
     status.set_defaults(func=cmd_status)
+
+    identity = sub.add_parser("identity", help="the node's public keys and chain address")
+    identity.add_argument("--json", action="store_true", help="as JSON")
+    identity.set_defaults(func=cmd_identity)
+
+    neighbors = sub.add_parser("neighbors", help="neighbors heard and the link to each")
+    neighbors.add_argument("--json", action="store_true", help="as JSON")
+    neighbors.set_defaults(func=cmd_neighbors)
 
     events = sub.add_parser("events", help="print the node's event log")
     events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")

@@ -167,3 +167,29 @@ def enter_netns(name: str) -> None:
     from pyroute2 import netns
 
     netns.setns(name)
+
+
+def neighbor_rows(node: Node) -> list[dict[str, object]]:
+    """Who the node hears and its link to each, from link's projection."""
+    from mesh.link.v1 import link_pb2
+
+    state = link_pb2.LinkState()
+    status(node.socket("link")).state.Unpack(state)
+    rows = []
+    for name in sorted(set(state.neighbors) | set(state.links)):
+        seen = state.neighbors.get(name)
+        link = state.links.get(name)
+        state_name = link_pb2.LinkStatus.Name(link.status).removeprefix("LINK_STATUS_").lower() \
+            if link is not None else "none"
+        rows.append({
+            "neighbor": name,
+            "heard_on": seen.interface_name if seen is not None else "-",
+            "address": seen.link_local_address if seen is not None else "-",
+            "link": state_name,
+            "tunnel": link.up.tunnel_interface if link is not None else "-",
+            "ports": f"{link.up.listen_port}->{link.up.endpoint_port}" if link else "-",
+            "downs": link.downs if link is not None else 0,
+            "chain_address": "0x" + (link.up.chain_address if link else seen.chain_address).hex()
+            if (link or seen) else "-",
+        })
+    return rows

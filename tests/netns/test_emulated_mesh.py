@@ -92,17 +92,19 @@ def test_meshctl_against_a_running_mesh(prefix: str, tmp_path: Path) -> None:
                        "--origin", "ctl")
         assert done.returncode == 0, done.stderr
         wait_for("r1 to answer", lambda: json.loads(
-            meshctl(prefix, tmp_path, "-n", "r1", "status", "--json").stdout
+            meshctl(prefix, tmp_path, "-n", "r1", "status", "sharp", "--json").stdout
         )[0]["state"].get("pings_seen") == "2")
         table = meshctl(prefix, tmp_path, "-n", "r1", "status")
         assert table.returncode == 0
         assert "sharp" in table.stdout and "SERVING" in table.stdout
-        events = meshctl(prefix, tmp_path, "-n", "r1", "events", "--json")
+        events = meshctl(prefix, tmp_path, "-n", "r1", "events", "--json",
+                         "--subject", "evt.sharp.>")
         rows = [json.loads(line) for line in events.stdout.splitlines()]
         assert [r["type"] for r in rows].count("mesh.sharp.v1.PongSent") == 2
         assert {r["payload"]["origin"] for r in rows} == {"ctl"}
         listing = meshctl(prefix, tmp_path, "emu", "status")
         assert listing.returncode == 0 and listing.stdout.count("SERVING") == 3
+        assert "r1:up" in listing.stdout.split("r2", 1)[1]  # r2's links column
         # bad input: a clear message and a non-zero exit
         unknown = meshctl(prefix, tmp_path, "-n", "r9", "status")
         assert unknown.returncode == 2

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,6 +130,16 @@ def test_three_routers_link_up_and_forward_only_tunnel_traffic(
     route_over_tunnels(mesh)
     r1, r3 = mesh.fabric.netns("r1"), mesh.fabric.nodes["r3"].ipv6
     assert ping6(r1, r3, count=20) == 20  # r1 -> r2 -> r3, tunnels all the way
+    # what an operator sees
+    env = {**os.environ, "MESH_EMU_PREFIX": mesh.prefix, "MESH_EMU_ROOT": str(mesh.workdir.parent)}
+    shown = subprocess.run([sys.executable, "-m", "deploy.meshctl", "-n", "r2", "neighbors",
+                            "--json"], env=env, capture_output=True, text=True, check=True)
+    rows = {row["neighbor"]: row for row in json.loads(shown.stdout)}
+    assert {n: (r["link"], r["heard_on"]) for n, r in rows.items()} == {
+        "r1": ("up", "v-r1"), "r3": ("up", "v-r3")}
+    ident = subprocess.run([sys.executable, "-m", "deploy.meshctl", "-n", "r1", "identity",
+                            "--json"], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(ident.stdout)["chain_address"] == rows.get("r1", {}).get("chain_address")
     # the same packets on the raw veth are not forwarded by r2
     before = refused(mesh, "r2")["forward_refused"]
     ns_run(mesh, "r1", "ip", "-6", "route", "replace", f"{r3}/128",
@@ -266,3 +278,18 @@ def test_kill_9_of_link_keeps_traffic_and_reconciles(mesh_factory: object) -> No
     assert tunnels == {up.tunnel_interface for up in before.values()}
     assert all(link.downs == 0 for link in link_state(mesh, "r2").links.values())
     assert ping6(r1, r3, count=10) == 10
+    # discovery too: its restored table keeps every neighbor; no link flaps
+    victim = service_pid(layout, "discovery")
+    os.kill(victim, signal.SIGKILL)
+    wait_for("discovery restarted", lambda: service_pid(layout, "discovery") != victim)
+    wait_for("discovery SERVING", lambda: client.health(layout.socket("discovery")) == "SERVING")
+    holds_for(6.0, lambda: up_links(mesh, "r2") == before)  # > the 3.5 s dead interval
+    assert all(link.downs == 0 for link in link_state(mesh, "r2").links.values())
+
+
+def holds_for(seconds: float, check: object) -> None:
+    """Assert check() stays true for a while (the negative of wait_for)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert check(), "stopped holding"  # type: ignore[operator]
+        time.sleep(0.2)
