@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import coincurve
+from Crypto.Hash import keccak
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from eth_utils import keccak
 
 IDENTITY_FILE = "identity.key"
 WIREGUARD_FILE = "wireguard.key"
@@ -33,7 +33,8 @@ def _sha256(message: bytes) -> bytes:
 def chain_address(identity_key: bytes) -> bytes:
     """The 20-byte EVM address of a (compressed) secp256k1 public key."""
     uncompressed = coincurve.PublicKey(identity_key).format(compressed=False)
-    return keccak(uncompressed[1:])[-20:]
+    # pycryptodome's keccak rather than eth_utils': the same hash, 20 MB less per service
+    return keccak.new(data=uncompressed[1:], digest_bits=256).digest()[-20:]
 
 
 def verify(identity_key: bytes, signature: bytes, message: bytes) -> bool:

@@ -44,6 +44,7 @@ from services.common.identity import (
     chain_address,
     verify,
 )
+from services.common.wire import WireRejected
 
 HELLO_GROUP: Final = "ff02::1:6d73"  # link-local scope; 6d73 = "ms"
 HELLO_PORT: Final = 7386
@@ -60,13 +61,11 @@ REASONS: Final = frozenset(
 )
 
 
-class HelloRejected(ValueError):
+class HelloRejected(WireRejected):
     """A received hello failed a check; `reason` is one of REASONS."""
 
-    def __init__(self, reason: str, detail: str) -> None:
-        assert reason in REASONS, reason
-        super().__init__(f"hello rejected ({reason}): {detail}")
-        self.reason = reason
+    WHAT = "hello"
+    REASONS = REASONS
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ from google.protobuf.message import DecodeError
 from mesh.link.v1 import handshake_pb2
 
 from services.common.identity import IDENTITY_KEY_LENGTH, SIGNATURE_LENGTH, Identity, verify
+from services.common.wire import WireRejected
 
 HANDSHAKE_PORT: Final = 7387
 MAX_HANDSHAKE_BYTES: Final = 1024
@@ -87,13 +88,11 @@ REASONS: Final = frozenset(
 _M = TypeVar("_M", handshake_pb2.HandshakeInit, handshake_pb2.HandshakeResponse)
 
 
-class HandshakeRejected(ValueError):
+class HandshakeRejected(WireRejected):
     """A received handshake message failed a check; `reason` is one of REASONS."""
 
-    def __init__(self, reason: str, detail: str) -> None:
-        assert reason in REASONS, reason
-        super().__init__(f"handshake rejected ({reason}): {detail}")
-        self.reason = reason
+    WHAT = "handshake"
+    REASONS = REASONS
 
 
 @dataclass(frozen=True)

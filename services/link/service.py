@@ -23,6 +23,7 @@ from services.common.identity import Identity, chain_address
 from services.common.interfaces import physical_interfaces
 from services.common.logs import kv
 from services.common.runtime import Outgoing, ServiceDefinition, ServiceRuntime
+from services.common.wire import WireRejected
 from services.discovery.hello import HELLO_PORT
 
 from .handlers import HANDLERS, links_up, summarize
@@ -57,12 +58,11 @@ REJECT_REASONS = {
 }
 
 
-class Refused(ValueError):
+class Refused(WireRejected):
     """A well-formed handshake this router will not accept (who sent it, not how)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
+    WHAT = "handshake"
+    REASONS = frozenset({"unknown-neighbor", "identity-mismatch"})
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ class LinkLoop:
                 await self.complete(body, address, interface)
             else:
                 raise HandshakeRejected("decode", f"unknown message kind {kind.hex() or 'empty'}")
-        except (HandshakeRejected, Refused) as err:
+        except WireRejected as err:
             await self.reject(err.reason, str(err), address, interface)
 
     async def answer(self, body: bytes, address: str, interface: str) -> None:

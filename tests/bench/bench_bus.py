@@ -6,21 +6,28 @@ Prints, each against a baseline measured in the same run on the same server:
   - latency of one event from publish to its handling (sharp's pong seen),
     p50/p99, against a bare NATS publish -> subscriber round trip;
   - events/s through the log and a service, against bare JetStream publishes;
-  - RSS of one idle router: supervisord, nats-server and every service.
+  - RSS of one idle router of the emulated mesh (needs root): every process in
+    its namespace (supervisord, nats-server, each service, its wireguard-go
+    tunnels), in a line of three so the middle one has two tunnels.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from mesh.link.v1 import link_pb2
 from mesh.sharp.v1 import sharp_pb2
 
+from deploy.emulator.mesh import EmulatedMesh
+from deploy.emulator.topology import TOPOLOGIES_DIR, Topology
+from deploy.meshctl import client
 from deploy.node import init_node as _init_node
 from services.common.bus import Bus
 
@@ -39,20 +46,36 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def process_tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def pids_in_netns(name: str) -> list[int]:
+    target = os.stat(f"/var/run/netns/{name}").st_ino
+    pids = []
+    for ns in Path("/proc").glob("[0-9]*/ns/net"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if os.stat(ns).st_ino == target:
+                pids.append(int(ns.parent.parent.name))
         except OSError:
             continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
+    return pids
+
+
+def idle_router_rss() -> tuple[int, list[str]]:
+    """KiB of RSS and the process names of the middle router of an idle line of three."""
+    topology = Topology.load(TOPOLOGIES_DIR / "line3.toml")
+    with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
+        mesh = EmulatedMesh(topology, prefix=f"bench{os.getpid() % 1000}", root=Path(tmp))
+        with mesh.running():
+            ups = 0
+            deadline = time.monotonic() + 60
+            while ups < 2 and time.monotonic() < deadline:
+                state = link_pb2.LinkState()
+                client.status(mesh.routers["r2"].layout.socket("link")).state.Unpack(state)
+                ups = sum(1 for link in state.links.values()
+                          if link.status == link_pb2.LINK_STATUS_UP)
+                time.sleep(0.2)
+            time.sleep(3.0)  # let the idle router settle before reading its memory
+            pids = pids_in_netns(mesh.fabric.netns("r2"))
+            names = sorted(Path(f"/proc/{p}/comm").read_text().strip() for p in pids)
+            return sum(rss_kib(p) for p in pids), names
 
 
 async def bare_latency(url: str, samples: int) -> list[float]:
@@ -141,10 +164,6 @@ def main(argv: list[str] | None = None) -> None:
         node = RunningNode(layout, port, ("sharp",))
         node.start()
         try:
-            time.sleep(2.0)  # let the idle router settle before reading its memory
-            supervisord = int(layout.supervisor_pidfile.read_text())
-            pids = process_tree(supervisord)
-            idle_rss = sum(rss_kib(p) for p in pids)
             url = node.nats_url
             bare = asyncio.run(bare_latency(url, args.samples))
             events = asyncio.run(event_latency(url, args.samples))
@@ -160,8 +179,12 @@ def main(argv: list[str] | None = None) -> None:
           f"{statistics.median(events) / statistics.median(bare):.1f}x)")
     print(f"bench: events/s through log + service {tput:,.0f} "
           f"(bare JetStream publishes {bare_tput:,.0f}/s; ratio {tput / bare_tput:.2f})")
-    print(f"bench: idle router RSS {idle_rss / 1024:.1f} MiB over {len(pids)} processes "
-          f"(supervisord + nats-server + {len(pids) - 2} services)")
+    if os.geteuid() == 0:
+        idle_rss, names = idle_router_rss()
+        print(f"bench: idle router RSS {idle_rss / 1024:.1f} MiB over {len(names)} processes "
+              f"({', '.join(names)})")
+    else:
+        print("bench: idle router RSS not measured (needs root for the emulated mesh)")
     sys.stdout.flush()
 
 

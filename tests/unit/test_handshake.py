@@ -9,7 +9,7 @@ import hashlib
 from collections.abc import Callable
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from mesh.link.v1 import handshake_pb2
 
@@ -25,9 +25,9 @@ from services.link.handshake import (
     Offer,
     Responder,
 )
+from tests.unit.fuzzing import FUZZ, mutations
 
 NOW = 1_700_000_000_000
-FUZZ = settings(max_examples=300, deadline=None)
 NONCE = bytes(range(16))
 
 
@@ -347,21 +347,6 @@ def test_tampering_any_byte_of_a_response_is_rejected(ids: dict[str, Identity]) 
     assert reasons <= {"decode", "field", "wrong-peer", "signature"}
     assert "signature" in reasons
     assert start.accept(response, NOW).node_id == "bob"
-
-
-@st.composite
-def mutations(draw: st.DrawFn, base: bytes) -> bytes:
-    data = bytearray(base)
-    for _ in range(draw(st.integers(1, 6))):
-        op = draw(st.sampled_from(("set", "insert", "delete")))
-        at = draw(st.integers(0, max(len(data) - 1, 0)))
-        if op == "insert" or not data:
-            data[at:at] = draw(st.binary(min_size=1, max_size=8))
-        elif op == "set":
-            data[at] = draw(st.integers(0, 255))
-        else:
-            del data[at : at + draw(st.integers(1, 8))]
-    return bytes(data)
 
 
 def _offer_or_reject(call: Callable[[], Offer]) -> None:

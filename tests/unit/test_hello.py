@@ -5,7 +5,7 @@ HelloRejected, nothing else). No network, no clock."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from mesh.discovery.v1 import hello_pb2
 
@@ -21,9 +21,9 @@ from services.discovery.hello import (
     decode_hello,
     encode_hello,
 )
+from tests.unit.fuzzing import FUZZ, mutations
 
 NOW = 1_700_000_000_000
-FUZZ = settings(max_examples=300, deadline=None)
 
 
 @pytest.fixture(scope="module")
@@ -255,21 +255,6 @@ def _decode_or_reject(data: bytes, now: int, last: int | None) -> None:
 )
 def test_fuzz_arbitrary_bytes(data: bytes, now: int, last: int | None) -> None:
     _decode_or_reject(data, now, last)
-
-
-@st.composite
-def mutations(draw: st.DrawFn, base: bytes) -> bytes:
-    data = bytearray(base)
-    for _ in range(draw(st.integers(1, 6))):
-        op = draw(st.sampled_from(("set", "insert", "delete")))
-        at = draw(st.integers(0, max(len(data) - 1, 0)))
-        if op == "insert" or not data:
-            data[at:at] = draw(st.binary(min_size=1, max_size=8))
-        elif op == "set":
-            data[at] = draw(st.integers(0, 255))
-        else:
-            del data[at : at + draw(st.integers(1, 8))]
-    return bytes(data)
 
 
 @FUZZ
