@@ -2,7 +2,8 @@
 
     meshctl status [SERVICE]          health and projection of each service
     meshctl identity                  public keys and chain address
-    meshctl neighbors                 neighbors heard, link state, tunnel
+    meshctl neighbors                 neighbors heard, link state, tunnel, usage, debt
+    meshctl price [N|auto]            the router's price per byte, or set it
     meshctl events [--follow]         the node's event log, decoded
     meshctl inject ping --count N     test traffic for sharp (the chassis' probe)
     meshctl emu up|down|status|clean  the emulated mesh (network namespaces)
@@ -175,7 +176,45 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         headers = ["neighbor", "heard_on", "address", "link", "tunnel", "ports", "downs"]
-        print(table(headers, [[r[h] for h in headers] for r in rows]))
+        if any("balance_wei" in r for r in rows):
+            headers += ["rx_bytes", "tx_bytes", "balance_wei", "enforcement"]
+        print(table(headers, [[r.get(h, "-") for h in headers] for r in rows]))
+    return 0
+
+
+def cmd_price(args: argparse.Namespace) -> int:
+    import grpc
+    from mesh.meter.v1 import control_pb2, control_pb2_grpc, meter_pb2
+
+    from services.common.money import amount, money
+
+    node = resolve_node(args.node)
+    if "meter" not in node.services:
+        raise NodeError(f"node {node.config.node.id} runs no meter service")
+    socket = node.socket("meter")
+    if args.value is not None:
+        if args.value == "auto":
+            request = control_pb2.SetPriceRequest(automatic=True)
+        else:
+            try:
+                wanted = int(args.value)
+            except ValueError:
+                raise NodeError(f"price {args.value!r}: give wei per byte, or auto") from None
+            if wanted < 0:
+                raise NodeError(f"price {wanted}: a price is not negative")
+            request = control_pb2.SetPriceRequest(price=money(wanted))
+        with client.channel(socket) as ch:
+            try:
+                control_pb2_grpc.MeterControlStub(ch).SetPrice(request, timeout=client.RPC_TIMEOUT)
+            except grpc.RpcError as err:
+                raise NodeError(f"meter refused: {err.details()}") from None
+    state = meter_pb2.MeterState()
+    client.status(socket).state.Unpack(state)
+    mode = meter_pb2.PricingMode.Name(state.price.mode).removeprefix("PRICING_MODE_").lower()
+    price = amount(state.price.price)
+    doc = {"price_wei_per_byte": price, "price_wei_per_megabyte": price * 10**6, "mode": mode}
+    print(json.dumps(doc) if args.json else
+          f"{price} wei/byte ({price * 10**6} wei/MB), {mode}")
     return 0
 
 
@@ -202,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     neighbors = sub.add_parser("neighbors", help="neighbors heard and the link to each")
     neighbors.add_argument("--json", action="store_true", help="as JSON")
     neighbors.set_defaults(func=cmd_neighbors)
+
+    price = sub.add_parser("price", help="show or set the router's price per byte")
+    price.add_argument("value", nargs="?", metavar="N|auto",
+                       help="set a fixed price in wei per byte, or auto (automatic pricing)")
+    price.add_argument("--json", action="store_true", help="as JSON")
+    price.set_defaults(func=cmd_price)
 
     events = sub.add_parser("events", help="print the node's event log")
     events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")

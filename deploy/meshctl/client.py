@@ -175,6 +175,7 @@ def neighbor_rows(node: Node) -> list[dict[str, object]]:
 
     state = link_pb2.LinkState()
     status(node.socket("link")).state.Unpack(state)
+    ledgers = meter_ledgers(node)
     rows = []
     for name in sorted(set(state.neighbors) | set(state.links)):
         seen = state.neighbors.get(name)
@@ -189,7 +190,32 @@ def neighbor_rows(node: Node) -> list[dict[str, object]]:
             "tunnel": link.up.tunnel_interface if link is not None else "-",
             "ports": f"{link.up.listen_port}->{link.up.endpoint_port}" if link else "-",
             "downs": link.downs if link is not None else 0,
+            **ledgers.get(name, {}),
             "chain_address": "0x" + (link.up.chain_address if link else seen.chain_address).hex()
             if (link or seen) else "-",
         })
     return rows
+
+
+def meter_ledgers(node: Node) -> dict[str, dict[str, object]]:
+    """Usage, debt and enforcement per neighbor, if the node runs meter."""
+    if "meter" not in node.services or health(node.socket("meter")) != "SERVING":
+        return {}
+    from mesh.meter.v1 import meter_pb2
+
+    from services.common.money import amount
+    from services.meter.ledger import balance
+
+    state = meter_pb2.MeterState()
+    status(node.socket("meter")).state.Unpack(state)
+    return {
+        name: {
+            "rx_bytes": ledger.rx_bytes,
+            "tx_bytes": ledger.tx_bytes,
+            "balance_wei": balance(ledger.debt),
+            "enforcement": meter_pb2.Enforcement.Name(ledger.enforcement)
+            .removeprefix("ENFORCEMENT_").lower(),
+            "charged_wei": amount(ledger.debt.usage_charged),
+        }
+        for name, ledger in state.ledgers.items()
+    }

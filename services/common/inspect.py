@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -56,6 +57,15 @@ class InspectServicer(inspect_pb2_grpc.InspectServicer):
             await asyncio.sleep(WATCH_MIN_INTERVAL)
 
 
+@dataclass(frozen=True)
+class Control:
+    """A service's own gRPC service (commands such as meter's SetPrice), served
+    on its inspection socket beside Inspect."""
+
+    register: Callable[[grpc.aio.Server], None]
+    name: str
+
+
 class InspectServer:
     def __init__(
         self,
@@ -63,6 +73,7 @@ class InspectServer:
         status: Callable[[], inspect_pb2.StatusResponse],
         changes: Changes,
     ) -> None:
+        self.controls: list[Control] = []
         self.socket_path = socket_path
         self._status = status
         self._changes = changes
@@ -77,10 +88,13 @@ class InspectServer:
             InspectServicer(self._status, self._changes), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for control in self.controls:
+            control.register(self.server)
         names = (
             inspect_pb2.DESCRIPTOR.services_by_name["Inspect"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
+            *(control.name for control in self.controls),
         )
         reflection.enable_server_reflection(names, self.server)
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)

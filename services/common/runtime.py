@@ -47,7 +47,7 @@ from .envelope import (
     open_envelope,
     type_name,
 )
-from .inspect import Changes, InspectServer
+from .inspect import Changes, Control, InspectServer
 from .logs import kv
 from .store import ProjectionStore, Snapshot
 from .telemetry import Telemetry, extract_context
@@ -79,6 +79,11 @@ class ServiceDefinition(Generic[S]):
     # Side-effect loops (timers, sockets, netlink) that publish events through
     # the runtime; they never touch the state.
     tasks: Sequence[Callable[[ServiceRuntime[S]], Awaitable[None]]] = ()
+    # The service's own gRPC services, served beside Inspect.
+    controls: Sequence[Callable[[ServiceRuntime[S]], Control]] = ()
+    # Builds the object its tasks and controls share (sockets, kernel handles),
+    # kept as runtime.context.
+    context: Callable[[ServiceRuntime[S]], Any] | None = None
 
 
 class ServiceRuntime(Generic[S]):
@@ -103,6 +108,7 @@ class ServiceRuntime(Generic[S]):
         self.store = ProjectionStore(cfg.node.data_dir / "projections" / f"{self.name}.sqlite")
         self.inspect = InspectServer(cfg.node.socket_path(self.name), self.status, self.changes)
         self.bus: Bus | None = None
+        self.context: Any = None
         self._emitted = 0
         self._inflight: list[asyncio.Future[Any]] = []
         self._flushed_sequence = 0
@@ -115,6 +121,9 @@ class ServiceRuntime(Generic[S]):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        if self.definition.context is not None:
+            self.context = self.definition.context(self)
+        self.inspect.controls = [make(self) for make in self.definition.controls]
         await self.inspect.start()
         rt = self.cfg.runtime
         self.bus = await Bus.connect(
@@ -320,8 +329,14 @@ def replay(definition: ServiceDefinition[S], events: Sequence[Event[Any]]) -> S:
     return state
 
 
-def main(definition: ServiceDefinition[Any], argv: Sequence[str] | None = None) -> None:
-    """Entry point shared by every service's __main__."""
+def main(
+    definition: ServiceDefinition[Any],
+    argv: Sequence[str] | None = None,
+    configure: Callable[[ServiceDefinition[Any], config_mod.NodeConfig], ServiceDefinition[Any]]
+    | None = None,
+) -> None:
+    """Entry point shared by every service's __main__; `configure` adapts the
+    definition to the node file (handlers closed over configured numbers)."""
     parser = argparse.ArgumentParser(
         prog=f"python -m services.{definition.name}",
         description=f"The {definition.name} service of a mesh router: consumes "
@@ -341,4 +356,9 @@ def main(definition: ServiceDefinition[Any], argv: Sequence[str] | None = None) 
     except config_mod.ConfigError as err:
         parser.exit(2, f"{parser.prog}: config: {err}\n")
     logs.setup(definition.name, cfg.node.id, cfg.node.log_level)
+    if configure is not None:
+        try:
+            definition = configure(definition, cfg)
+        except (config_mod.ConfigError, ValueError) as err:
+            parser.exit(2, f"{parser.prog}: config: {err}\n")
     asyncio.run(ServiceRuntime(definition, cfg).run())

@@ -1,0 +1,113 @@
+"""meter's ledger: pricing, netting, thresholds, resets and replay, pure."""
+
+from __future__ import annotations
+
+import itertools
+
+from google.protobuf import timestamp_pb2
+from mesh.common.v1 import envelope_pb2
+from mesh.link.v1 import link_pb2
+from mesh.meter.v1 import meter_pb2
+from mesh.pay.v1 import pay_pb2
+from mesh.route.v1 import route_pb2
+
+from services.common.envelope import Event
+from services.common.money import amount, money
+from services.meter.handlers import Policy, make_handlers
+from services.meter.ledger import Thresholds, balance
+
+POLICY = Policy(Thresholds(pay=1_000, throttle=50_000, cutoff=100_000,
+                           throttle_rate_bps=1_000_000), default_neighbor_price=7)
+HANDLERS = make_handlers(POLICY)
+_seq = itertools.count(1)
+
+
+def event(payload: object) -> Event:
+    seq = next(_seq)
+    env = envelope_pb2.Envelope(event_id=f"e{seq}",
+                                occurred_at=timestamp_pb2.Timestamp(seconds=seq))
+    return Event(envelope=env, payload=payload, subject="s", sequence=seq)  # type: ignore[arg-type]
+
+
+def fold(state: meter_pb2.MeterState, payload: object) -> list:
+    return list(HANDLERS[type(payload)](state, event(payload)))
+
+
+def sample(tunnel: str, **by_prefix: tuple[int, int]) -> meter_pb2.CountersSampled:
+    counters = meter_pb2.CountersSampled()
+    n = counters.neighbors.add(tunnel_interface=tunnel)
+    for prefix, (rx, tx) in by_prefix.items():
+        n.destinations.add(prefix=prefix.replace("_", ":"), rx_bytes=rx, tx_bytes=tx)
+    return counters
+
+
+def fresh() -> meter_pb2.MeterState:
+    state = meter_pb2.MeterState()
+    fold(state, meter_pb2.PriceSet(price=money(10)))
+    fold(state, link_pb2.LinkUp(neighbor_id="b", tunnel_interface="mwb"))
+    return state
+
+
+def test_bytes_are_priced_and_netted_per_neighbor() -> None:
+    state = fresh()
+    fold(state, sample("mwb", other=(100, 100)))  # a new tunnel's counters start at zero
+    decided = fold(state, sample("mwb", other=(1_100, 600)))
+    usage = next(d.payload for d in decided if d.kind == "usage")
+    assert (usage.rx_bytes, usage.tx_bytes) == (1_000, 500)
+    assert amount(usage.charged) == 1_000 * 10 and amount(usage.owed) == 500 * 7
+    ledger = state.ledgers["b"]
+    assert balance(ledger.debt) == 1_100 * 10 - 600 * 7
+    assert (ledger.rx_bytes, ledger.tx_bytes) == (1_100, 600)
+    assert ledger.debt.direction == meter_pb2.DEBT_DIRECTION_NEIGHBOR_OWES_US
+
+
+def test_our_price_to_a_destination_includes_our_route() -> None:
+    state = fresh()
+    fold(state, route_pb2.RouteChanged(prefix="2001:db8::/64", next_hop_id="c",
+                                       advertised_price=money(5)))
+    fold(state, sample("mwb", **{"2001_db8__/64": (0, 0)}))
+    fold(state, sample("mwb", **{"2001_db8__/64": (100, 0)}))
+    assert amount(state.ledgers["b"].debt.usage_charged) == 100 * (10 + 5)
+
+
+def test_thresholds_throttle_then_block_and_payment_restores() -> None:
+    state = fresh()
+    fold(state, sample("mwb", other=(0, 0)))
+    decided = fold(state, sample("mwb", other=(6_000, 0)))  # owes 60,000 > throttle
+    change = next(d.payload for d in decided if d.kind == "enforcement")
+    assert change.enforcement == meter_pb2.ENFORCEMENT_THROTTLED
+    assert change.rate_limit_bps == 1_000_000
+    decided = fold(state, sample("mwb", other=(11_000, 0)))  # 110,000 > cut-off
+    assert state.ledgers["b"].enforcement == meter_pb2.ENFORCEMENT_BLOCKED
+    decided = fold(state, pay_pb2.PaymentReceived(counterparty_id="b", amount=money(100_000)))
+    change = next(d.payload for d in decided if d.kind == "enforcement")
+    assert change.enforcement == meter_pb2.ENFORCEMENT_OPEN
+    assert change.reason == meter_pb2.ENFORCEMENT_REASON_PAID
+    assert balance(state.ledgers["b"].debt) == 10_000
+
+
+def test_a_reset_counter_bills_from_zero_not_negative() -> None:
+    state = fresh()
+    fold(state, sample("mwb", other=(5_000, 0)))
+    decided = fold(state, sample("mwb", other=(300, 0)))
+    usage = next(d.payload for d in decided if d.kind == "usage")
+    assert usage.counters_reset and usage.rx_bytes == 300
+
+
+def test_unknown_tunnels_bill_nobody() -> None:
+    state = fresh()
+    assert fold(state, sample("mwstranger", other=(10**9, 0))) == []
+    assert set(state.ledgers) == {"b"}
+
+
+def test_replay_gives_the_same_ledger() -> None:
+    events = [meter_pb2.PriceSet(price=money(10)),
+              link_pb2.LinkUp(neighbor_id="b", tunnel_interface="mwb"),
+              *(sample("mwb", other=(i * 1_000, i * 300)) for i in range(20))]
+    states = []
+    for _ in range(2):
+        state = meter_pb2.MeterState()
+        for payload in events:
+            fold(state, payload)
+        states.append(state.SerializeToString(deterministic=True))
+    assert states[0] == states[1]
