@@ -106,6 +106,14 @@ def route_over_tunnels(mesh: EmulatedMesh) -> None:
                        "via", up.tunnel_peer_address, "dev", up.tunnel_interface)
 
 
+def wait_for_traffic(mesh: EmulatedMesh) -> None:
+    """The first packets wait for WireGuard's own handshake (under a second,
+    keepalives being 1 s): poll until one crosses r1 -> r2 -> r3."""
+    r1, r3 = mesh.fabric.netns("r1"), mesh.fabric.nodes["r3"].ipv6
+    wait_for("traffic over the tunnels", lambda: ping6(r1, r3, count=1, grace=0.3) == 1,
+             timeout=20)
+
+
 def refused(mesh: EmulatedMesh, router: str) -> dict[str, int]:
     with Nft(mesh.fabric.netns(router)) as nft:
         return ForwardingPolicy(nft).counters()
@@ -128,6 +136,7 @@ def test_three_routers_link_up_and_forward_only_tunnel_traffic(
         wait_for("r2's tunnels in its forwarding policy", lambda: ForwardingPolicy(nft).tunnels()
                  == {up.tunnel_interface for up in r2.values()})
     route_over_tunnels(mesh)
+    wait_for_traffic(mesh)
     r1, r3 = mesh.fabric.netns("r1"), mesh.fabric.nodes["r3"].ipv6
     assert ping6(r1, r3, count=20) == 20  # r1 -> r2 -> r3, tunnels all the way
     # what an operator sees
@@ -261,6 +270,7 @@ def test_kill_9_of_link_keeps_traffic_and_reconciles(mesh_factory: object) -> No
     mesh = mesh_factory(line3())  # type: ignore[operator]
     wait_for("all links up", lambda: all_linked(mesh), timeout=60)
     route_over_tunnels(mesh)
+    wait_for_traffic(mesh)
     r1, r3 = mesh.fabric.netns("r1"), mesh.fabric.nodes["r3"].ipv6
     assert ping6(r1, r3, count=10) == 10
     before = up_links(mesh, "r2")
