@@ -4,6 +4,7 @@
     nft = Nft(netns="r2")            # /run/netns/r2, from any namespace
     nft.run("add table inet t")      # nft's text output; NftError on failure
     nft.json("list tables")          # nft's JSON objects, metainfo left out
+    nft.usage_dump("mesh_meter", ["u6_0", "u4_0"], ":label")  # see counters.py
 
 A context binds to the namespace it is opened in: libnftables opens its
 netlink socket then. Only commands that name interfaces by string (`iifname`,
@@ -19,6 +20,7 @@ import json as jsonlib
 import os
 import threading
 import weakref
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +29,7 @@ from typing import Any
 LIBRARY = Path(__file__).with_name("libmeshdp.so")
 NETNS_DIR = Path("/run/netns")  # where `ip netns add` puts named namespaces
 NFT_CTX_OUTPUT_JSON = 1 << 4  # libnftables.h
+USAGE_DUMP_TRIES = 10  # each retry means another transaction committed meanwhile
 
 # libnftables keeps process-wide state (its interface cache), so calls through
 # different contexts must not overlap either: one lock for all of them.
@@ -74,6 +77,16 @@ def _library() -> ctypes.CDLL:
     lib.meshdp_run.restype = ctypes.c_int
     lib.meshdp_str_free.argtypes = [ctypes.c_void_p]
     lib.meshdp_str_free.restype = None
+    lib.meshdp_usage_dump.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        ctypes.POINTER(ctypes.c_char_p),
+        ctypes.c_uint,
+        ctypes.c_char_p,
+        ctypes.POINTER(ctypes.c_void_p),
+        ctypes.POINTER(ctypes.c_size_t),
+    ]
+    lib.meshdp_usage_dump.restype = ctypes.c_int
     return lib
 
 
@@ -112,6 +125,33 @@ class Nft:
         if not out.strip():
             return []
         return [obj for obj in jsonlib.loads(out)["nftables"] if "metainfo" not in obj]
+
+    def usage_dump(self, table: str, sets: Sequence[str], label: str) -> bytes:
+        """The shards `sets` of an `inet` usage set, read as of one ruleset generation.
+
+        The layout is meshdp_usage_dump's (dataplane/counters.py reads it).
+        Reads again while transactions interrupt it (a few times); OSError
+        otherwise.
+        """
+        if not self._free.alive:
+            raise ValueError("this Nft context is closed")
+        names = (ctypes.c_char_p * len(sets))(*(s.encode() for s in sets))
+        out, size = ctypes.c_void_p(), ctypes.c_size_t()
+        for _ in range(USAGE_DUMP_TRIES):
+            with _lock:
+                rc = self._lib.meshdp_usage_dump(
+                    self._ctx, table.encode(), names, len(sets), label.encode(),
+                    ctypes.byref(out), ctypes.byref(size),
+                )
+            if rc != -errno.EINTR:
+                break
+        try:
+            if rc != 0:
+                raise OSError(-rc, f"cannot dump the usage sets of inet {table}: "
+                                   f"{os.strerror(-rc)}")
+            return ctypes.string_at(out.value, size.value)
+        finally:
+            self._lib.meshdp_str_free(out)
 
     def close(self) -> None:
         self._free()

@@ -105,6 +105,15 @@ def render_runtime_section(overrides: Mapping[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_sections(sections: Mapping[str, Mapping[str, object]]) -> str:
+    text = ""
+    for name, values in sections.items():
+        if name in {"node", "telemetry", "runtime"}:
+            raise ValueError(f"[{name}] is written by init_node itself")
+        text += f"\n[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
+    return text
+
+
 def render_node_toml(
     node_id: str, layout: NodeLayout, nats_port: int, services: Sequence[str], netns: str,
     log_level: str, runtime: Mapping[str, object], interfaces: Sequence[str] = (),
@@ -205,15 +214,17 @@ def init_node(
     log_level: str = "info",
     runtime: Mapping[str, object] | None = None,
     interfaces: Sequence[str] = (),
+    sections: Mapping[str, Mapping[str, object]] | None = None,
 ) -> NodeLayout:
-    """Write a node's files into root (creating its directories); return the layout."""
+    """Write a node's files into root (creating its directories); return the layout.
+    `sections` adds service sections to node.toml, e.g. {"meter": {"price": 5}}."""
     layout = NodeLayout(root.resolve())
     for directory in (layout.root, layout.data_dir, layout.run_dir, layout.log_dir):
         directory.mkdir(parents=True, exist_ok=True)
     layout.node_file.write_text(
         render_node_toml(
             node_id, layout, nats_port, services, netns, log_level, runtime or {}, interfaces
-        )
+        ) + render_sections(sections or {})
     )
     layout.nats_file.write_text(render_nats_conf(node_id, layout, nats_port))
     layout.supervisor_file.write_text(render_supervisord_conf(node_id, layout, services))

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from .topology import Topology
 
 EMU_ROOT = Path(os.environ.get("MESH_EMU_ROOT", "/var/lib/mesh-emu"))
 ROUTER_ROLES = ("router", "gateway", "exit")
-DEFAULT_SERVICES = ("discovery", "link", "sharp")
+DEFAULT_SERVICES = ("discovery", "link", "meter", "sharp")
 
 Progress = Callable[[str], None]
 
@@ -136,8 +136,10 @@ class EmulatedMesh:
         root: Path | None = None,
         services: Sequence[str] = DEFAULT_SERVICES,
         log_level: str = "info",
+        sections: Mapping[str, Mapping[str, object]] | None = None,
     ) -> None:
         self.topology = topology
+        self.sections = sections or {}
         self.prefix = prefix
         self.workdir = (root or EMU_ROOT) / prefix
         self.fabric = Fabric(prefix)
@@ -159,7 +161,10 @@ class EmulatedMesh:
         removed = clean(self.prefix, self.workdir.parent)
         if removed:
             progress(f"cleaned up {len(removed)} namespaces left by an earlier run")
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        # A new mesh starts from nothing: an earlier run's logs, keys and
+        # projections would describe neighbors that no longer exist.
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.workdir.mkdir(parents=True)
         # Later commands (meshctl emu status, down) find the mesh from this file.
         (self.workdir / TOPOLOGY_FILE).write_text(json.dumps(topology_dict(self.topology)))
         started = time.monotonic()
@@ -169,12 +174,16 @@ class EmulatedMesh:
             f"({time.monotonic() - started:.1f}s)"
         )
         for router in self.routers.values():
+            facing = [link.a_ifname for link in self.fabric.links if link.a == router.name]
+            facing += [link.b_ifname for link in self.fabric.links if link.b == router.name]
             init_node(
                 router.layout.root,
                 router.name,
                 services=router.services,
                 netns=router.namespace,
                 log_level=self.log_level,
+                interfaces=sorted(facing),
+                sections=self.sections,
             )
             self.fabric.run(
                 router.name,

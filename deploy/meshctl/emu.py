@@ -97,16 +97,34 @@ def status_rows(emulated: mesh_mod.EmulatedMesh) -> list[list[object]]:
         for service, health in healths.items():
             if health == "SERVING":
                 handled += client.status(router.layout.socket(service)).events_handled
-        links = "-"
+        links, price = "-", "-"
+        node = client.Node.open(router.layout.root)
         if healths.get("link") == "SERVING":
-            node = client.Node.open(router.layout.root)
-            rows_ = client.neighbor_rows(node)
-            links = " ".join(f"{r['neighbor']}:{r['link']}" for r in rows_) or "-"
-        rows.append([name, "SERVING" if not sick else " ".join(sick), links, handled])
+            links = " ".join(_link_cell(r) for r in client.neighbor_rows(node)) or "-"
+        if healths.get("meter") == "SERVING":
+            price = client.status(node.socket("meter")).summary["price"]
+            price = f"{int(price)}/B"
+        rows.append([name, "SERVING" if not sick else " ".join(sick), price, links, handled])
     return rows
 
 
-STATUS_HEADERS = ["router", "health", "links", "events"]
+def _link_cell(row: dict[str, object]) -> str:
+    """r2:up, plus what the neighbor owes (+) or is owed (-) and any enforcement."""
+    cell = f"{row['neighbor']}:{row['link']}"
+    if "balance_wei" in row:
+        cell += f"({_short(int(row['balance_wei']))}"  # type: ignore[call-overload]
+        if row["enforcement"] != "open":
+            cell += f",{row['enforcement']}"
+        cell += ")"
+    return cell
+
+
+def _short(wei: int) -> str:
+    """A compact signed amount: 1.2e12 rather than thirteen digits."""
+    return f"{wei:+.2g}" if abs(wei) >= 10_000 else f"{wei:+d}"
+
+
+STATUS_HEADERS = ["router", "health", "price", "links (balance, enforcement)", "events"]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -139,7 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             process.wait(timeout=30)
     rows = status_rows(emulated)
     healthy = all(r[1] == "SERVING" for r in rows)
-    handled = sum(int(r[3]) for r in rows)
+    handled = sum(int(r[4]) for r in rows)
     print(f"final state ({handled} events handled across the mesh):\n"
           f"{table(STATUS_HEADERS, rows)}")
     if args.keep:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from dataplane.counters import Counters
-from dataplane.enforcement import Enforcer, Mode
 from mesh.meter.v1 import meter_pb2
 
+from dataplane.counters import Counters
+from dataplane.enforcement import Enforcer, Mode
 from dataplane.shim import Nft
 
 _MODES = {
@@ -22,6 +22,9 @@ class Dataplane:
         self.nft = Nft()
         self.counters = Counters(self.nft)
         self.enforcer = Enforcer(self.nft)
+        # Idempotent: an existing table (and its counts) is kept as it is.
+        self.counters.install()
+        self.enforcer.install()
 
     def set_destinations(self, prefixes: Iterable[str]) -> None:
         self.counters.set_destinations(sorted(prefixes))
@@ -30,12 +33,13 @@ class Dataplane:
         """One consistent snapshot of every neighbor's counters."""
         snap = self.counters.snapshot()
         sampled = meter_pb2.CountersSampled()
-        for tunnel, by_prefix in sorted(snap.by_neighbor().items()):
-            neighbor = sampled.neighbors.add(tunnel_interface=tunnel)
-            for prefix, c in sorted(by_prefix.items()):
-                neighbor.destinations.add(prefix=prefix, rx_bytes=c.rx_bytes,
-                                          rx_packets=c.rx_packets, tx_bytes=c.tx_bytes,
-                                          tx_packets=c.tx_packets)
+        by_tunnel: dict[str, meter_pb2.CountersSampled.NeighborCounters] = {}
+        for tunnel, prefix, c in snap.items():
+            if tunnel not in by_tunnel:
+                by_tunnel[tunnel] = sampled.neighbors.add(tunnel_interface=tunnel)
+            by_tunnel[tunnel].destinations.add(prefix=prefix, rx_bytes=c.rx_bytes,
+                                               rx_packets=c.rx_packets, tx_bytes=c.tx_bytes,
+                                               tx_packets=c.tx_packets)
         return sampled
 
     def enforce(self, wanted: dict[str, tuple[int, int]]) -> None:
