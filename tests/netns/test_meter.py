@@ -22,6 +22,7 @@ from deploy.meshctl import client
 from services.common.money import amount
 from services.meter.ledger import balance
 from tests.conftest import require_root, wait_for
+from tests.netns.probes import ping6
 from tests.netns.test_links import all_linked, line3, route_over_tunnels, wait_for_traffic
 
 pytestmark = [pytest.mark.netns, pytest.mark.emulator]
@@ -145,3 +146,104 @@ def test_kill_9_of_meter_bills_every_byte_once(mesh: EmulatedMesh) -> None:
     assert ledger["r3"].tx_bytes == kernel[tunnels["r3"]][1]
     assert ledger["r1"].rx_bytes >= received * IP_BYTES
     assert amount(ledger["r1"].debt.usage_charged) == ledger["r1"].rx_bytes * R2_PRICE
+
+
+THROTTLE_BPS = 2_000_000
+MB = 1_000_000
+
+
+@pytest.fixture
+def strict_mesh(tmp_path: Path) -> Iterator[EmulatedMesh]:
+    """r2 throttles a neighbor owing 2 MB worth and cuts it off at 8 MB worth."""
+    require_root()
+    prefix = f"ms{os.getpid() % 10000}x{next(_prefixes)}"
+    emulated = EmulatedMesh(
+        line3(), prefix=prefix, root=tmp_path, services=SERVICES,
+        sections={"meter": {"price": R2_PRICE, "default_neighbor_price": DEFAULT_PRICE,
+                            "sample_interval": 0.5, "throttle_threshold": 2 * MB * R2_PRICE,
+                            "cutoff_threshold": 8 * MB * R2_PRICE,
+                            "throttle_rate_bps": THROTTLE_BPS}},
+    )
+    try:
+        emulated.start()
+        wait_for("all links up", lambda: all_linked(emulated), timeout=60)
+        route_over_tunnels(emulated)
+        wait_for_traffic(emulated)
+        yield emulated
+    finally:
+        emulated.stop()
+        clean(prefix, tmp_path)
+
+
+def iperf(mesh: EmulatedMesh, *argv: str) -> dict:
+    """iperf3 from r1 to r3 (a one-shot server in r3); its JSON report."""
+    import json
+    import subprocess
+
+    address = mesh.fabric.nodes["r3"].ipv6
+    server = subprocess.Popen(mesh.fabric.exec_argv("r3", ["iperf3", "-s", "-1", "-B", address]),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for("iperf3 server", lambda: "iperf3" in mesh.fabric.run(
+            "r3", ["ss", "-ltnp"], check=False).stdout, timeout=10)
+        done = mesh.fabric.run("r1", ["iperf3", "-c", address, "-J", *argv], check=False,
+                               timeout=120)
+        return json.loads(done.stdout)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def enforcement(mesh: EmulatedMesh) -> int:
+    return ledgers(mesh, "r2")["r1"].enforcement
+
+
+def pay(mesh: EmulatedMesh, wei: int) -> None:
+    """A PaymentReceived on r2's bus, as pay will publish it."""
+    script = (
+        "import asyncio\n"
+        "from mesh.pay.v1 import pay_pb2\n"
+        "from services.common.bus import Bus\n"
+        "from services.common.money import money\n"
+        "async def main():\n"
+        "    bus = await Bus.connect('nats://127.0.0.1:4222', 'test')\n"
+        f"    await bus.publish_event(pay_pb2.PaymentReceived(counterparty_id='r1', "
+        f"amount=money({wei})), service='pay', kind='received', aggregate_id='r1', "
+        "node_id='r2')\n"
+        "    await bus.close()\n"
+        "asyncio.run(main())\n"
+    )
+    import sys
+
+    mesh.fabric.run("r2", [sys.executable, "-c", script],
+                    cwd=str(Path(__file__).resolve().parents[2]))
+
+
+def test_a_neighbor_that_does_not_pay_is_throttled_then_cut_off(
+    strict_mesh: EmulatedMesh, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mesh = strict_mesh
+    # 20 Mbit/s for up to 4 s: past the throttle threshold in about a second
+    iperf(mesh, "-b", "20M", "-t", "4")
+    wait_for("r1 throttled", lambda: enforcement(mesh) == meter_pb2.ENFORCEMENT_THROTTLED,
+             timeout=30)
+    assert ledgers(mesh, "r2")["r1"].rate_limit_bps == THROTTLE_BPS
+    report = iperf(mesh, "-t", "4")
+    rate = report["end"]["sum_received"]["bits_per_second"]
+    with capsys.disabled():
+        print(f"\n  throttled to {THROTTLE_BPS / 1e6:g} Mbit/s: measured {rate / 1e6:.2f} Mbit/s")
+    assert abs(rate - THROTTLE_BPS) <= 0.10 * THROTTLE_BPS, rate
+    # keep sending at the throttled rate until the debt reaches the cut-off
+    deadline = time.monotonic() + 90
+    while enforcement(mesh) != meter_pb2.ENFORCEMENT_BLOCKED and time.monotonic() < deadline:
+        iperf(mesh, "-u", "-b", "10M", "-t", "3")
+    assert enforcement(mesh) == meter_pb2.ENFORCEMENT_BLOCKED
+    r1, r3 = mesh.fabric.netns("r1"), mesh.fabric.nodes["r3"].ipv6
+    wait_for("nothing from r1 forwarded", lambda: ping6(r1, r3, count=5, grace=0.5) == 0,
+             timeout=10)
+    # paying what it owes opens it again
+    pay(mesh, balance(ledgers(mesh, "r2")["r1"].debt))
+    wait_for("r1 open again", lambda: enforcement(mesh) == meter_pb2.ENFORCEMENT_OPEN,
+             timeout=30)
+    wait_for("r1's traffic forwarded again", lambda: ping6(r1, r3, count=3, grace=0.5) == 3,
+             timeout=10)
