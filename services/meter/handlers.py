@@ -17,7 +17,16 @@ from services.common.envelope import Event, MalformedEvent
 from services.common.money import MoneyError, amount, money
 from services.common.runtime import Handler, Outgoing
 
-from .ledger import Thresholds, balance, delta, enforcement_for, our_price, their_price, with_totals
+from .ledger import (
+    MAX_SANE_PRICE,
+    Thresholds,
+    balance,
+    delta,
+    enforcement_for,
+    our_price,
+    their_price,
+    with_totals,
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,8 @@ def on_route_changed(
         price = amount(route.advertised_price)
     except MoneyError as err:
         raise MalformedEvent(f"route to {route.prefix}: {err}") from None
+    if price > MAX_SANE_PRICE:
+        raise MalformedEvent(f"route to {route.prefix}: price {price} wei/byte is absurd")
     state.routes[route.prefix].CopyFrom(meter_pb2.MeterState.RoutePrice(
         next_hop_id=route.next_hop_id, tx_price=money(price), rx_price=money(price)))
     return []

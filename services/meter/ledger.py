@@ -15,6 +15,7 @@ from mesh.meter.v1 import meter_pb2
 
 from services.common.money import amount, money
 
+MAX_SANE_PRICE = 10**15  # wei per byte: 10^21 wei (1,000 ETH) per megabyte is absurd
 OTHER = "other"  # the counters' bucket for destinations with no known prefix
 
 

@@ -21,11 +21,10 @@ from services.common.runtime import Outgoing, ServiceDefinition, ServiceRuntime
 
 from . import pricing
 from .handlers import Policy, make_handlers, summarize
-from .ledger import Thresholds
+from .ledger import MAX_SANE_PRICE, Thresholds
 
 log = logging.getLogger("meter")
 
-MAX_SANE_PRICE = 10**15  # wei per byte: 10^21 wei (1,000 ETH) per megabyte is absurd
 
 
 @dataclass(frozen=True)
@@ -86,6 +85,7 @@ class Meter:
         self.dataplane = Dataplane()
         self.automatic = self.settings.pricing == "automatic"
         self.util = 0.0
+        self.unbilled: set[str] = set()
 
     async def set_price(self, price: int, automatic: bool, util: float = 0.0) -> None:
         previous = self.rt.state.price.price
@@ -96,6 +96,16 @@ class Meter:
                                    max_price=money(self.settings.max_price))
         log.info(kv("price.set", price=price, mode="automatic" if automatic else "manual"))
         await self.rt.publish(Outgoing("price", self.rt.node_id, event))
+
+    def note_unbilled(self, sample: meter_pb2.CountersSampled) -> None:
+        """Log, once each, interfaces that forward traffic but belong to no neighbor."""
+        known = {ledger.tunnel_interface for ledger in self.rt.state.ledgers.values()}
+        for neighbor in sample.neighbors:
+            name = neighbor.tunnel_interface
+            if name not in known and name not in self.unbilled:
+                self.unbilled.add(name)
+                log.info(kv("usage.unbilled", interface=name,
+                            why="no LinkUp names it: its traffic is counted, not billed"))
 
     async def run(self) -> None:
         state = self.rt.state
@@ -115,6 +125,7 @@ class Meter:
             encoded = sample.SerializeToString(deterministic=True)
             if encoded != last_sample:
                 last_sample = encoded
+                self.note_unbilled(sample)
                 await self.rt.publish(Outgoing("sampled", self.rt.node_id, sample))
             wanted = {ledger.tunnel_interface: (ledger.enforcement, ledger.rate_limit_bps)
                       for ledger in state.ledgers.values() if ledger.tunnel_interface}

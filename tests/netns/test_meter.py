@@ -122,6 +122,33 @@ def test_relay_bills_forwarded_bytes_at_its_prices(mesh: EmulatedMesh) -> None:
     assert ledger["r1"].enforcement == meter_pb2.ENFORCEMENT_OPEN
 
 
+def test_operator_sets_the_price_and_absurd_ones_are_refused(mesh: EmulatedMesh) -> None:
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MESH_EMU_PREFIX": mesh.prefix, "MESH_EMU_ROOT": str(mesh.workdir.parent)}
+
+    def meshctl(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "deploy.meshctl", "-n", "r2", *argv],
+                              env=env, capture_output=True, text=True, timeout=60)
+
+    shown = meshctl("price", "--json")
+    assert json.loads(shown.stdout) == {"price_wei_per_byte": R2_PRICE,
+                                        "price_wei_per_megabyte": R2_PRICE * 10**6,
+                                        "mode": "manual"}
+    assert meshctl("price", "25").returncode == 0
+    wait_for("the new price", lambda: json.loads(meshctl("price", "--json").stdout)[
+        "price_wei_per_byte"] == 25)
+    absurd = meshctl("price", str(10**18))
+    assert absurd.returncode == 2 and "absurd" in absurd.stderr
+    negative = meshctl("price", "-5")
+    assert negative.returncode != 0
+    assert meshctl("price", "auto").returncode == 0
+    wait_for("automatic pricing", lambda: json.loads(meshctl("price", "--json").stdout)[
+        "mode"] == "automatic")
+
+
 def test_kill_9_of_meter_bills_every_byte_once(mesh: EmulatedMesh) -> None:
     sink = Receiver(mesh)
     layout = mesh.routers["r2"].layout
