@@ -74,9 +74,12 @@ class LinkSettings:
     retry_seconds: float = field(
         default=1.0, metadata={"help": "seconds between handshake attempts to a neighbor"}
     )
+    # Not shorter: while a neighbor only receives from us, WireGuard's keepalives
+    # pause (any packet counts as traffic), and its passive keepalive answers
+    # one-way traffic only after 10 s.
     liveness_seconds: float = field(
-        default=5.0,
-        metadata={"help": "a tunnel that receives nothing (keepalives are 1 s) this long is down"},
+        default=15.0,
+        metadata={"help": "a tunnel that receives nothing this long is down (over 10 s)"},
     )
 
 

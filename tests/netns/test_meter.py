@@ -3,6 +3,7 @@ prices, the ledger, enforcement, and a kill -9 in the middle."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -35,15 +36,15 @@ _prefixes = itertools.count()
 SO_RCVBUFFORCE = 33  # Linux; not exported by the socket module
 
 
-@pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[EmulatedMesh]:
+@contextlib.contextmanager
+def metered_line(tmp_path: Path, **meter: object) -> Iterator[EmulatedMesh]:
+    """r1 - r2 - r3 with discovery, link and meter, routed statically over the tunnels."""
     require_root()
     prefix = f"mt{os.getpid() % 10000}x{next(_prefixes)}"
-    emulated = EmulatedMesh(
-        line3(), prefix=prefix, root=tmp_path, services=SERVICES,
-        sections={"meter": {"price": R2_PRICE, "default_neighbor_price": DEFAULT_PRICE,
-                            "sample_interval": 0.5}},
-    )
+    settings = {"price": R2_PRICE, "default_neighbor_price": DEFAULT_PRICE,
+                "sample_interval": 0.5, **meter}
+    emulated = EmulatedMesh(line3(), prefix=prefix, root=tmp_path, services=SERVICES,
+                            sections={"meter": settings})
     try:
         emulated.start()
         wait_for("all links up", lambda: all_linked(emulated), timeout=60)
@@ -53,6 +54,12 @@ def mesh(tmp_path: Path) -> Iterator[EmulatedMesh]:
     finally:
         emulated.stop()
         clean(prefix, tmp_path)
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[EmulatedMesh]:
+    with metered_line(tmp_path) as emulated:
+        yield emulated
 
 
 def ledgers(mesh: EmulatedMesh, router: str) -> dict[str, meter_pb2.MeterState.Ledger]:
@@ -182,24 +189,10 @@ MB = 1_000_000
 @pytest.fixture
 def strict_mesh(tmp_path: Path) -> Iterator[EmulatedMesh]:
     """r2 throttles a neighbor owing 2 MB worth and cuts it off at 8 MB worth."""
-    require_root()
-    prefix = f"ms{os.getpid() % 10000}x{next(_prefixes)}"
-    emulated = EmulatedMesh(
-        line3(), prefix=prefix, root=tmp_path, services=SERVICES,
-        sections={"meter": {"price": R2_PRICE, "default_neighbor_price": DEFAULT_PRICE,
-                            "sample_interval": 0.5, "throttle_threshold": 2 * MB * R2_PRICE,
-                            "cutoff_threshold": 8 * MB * R2_PRICE,
-                            "throttle_rate_bps": THROTTLE_BPS}},
-    )
-    try:
-        emulated.start()
-        wait_for("all links up", lambda: all_linked(emulated), timeout=60)
-        route_over_tunnels(emulated)
-        wait_for_traffic(emulated)
+    with metered_line(tmp_path, throttle_threshold=2 * MB * R2_PRICE,
+                      cutoff_threshold=8 * MB * R2_PRICE,
+                      throttle_rate_bps=THROTTLE_BPS) as emulated:
         yield emulated
-    finally:
-        emulated.stop()
-        clean(prefix, tmp_path)
 
 
 def iperf(mesh: EmulatedMesh, *argv: str) -> dict:
