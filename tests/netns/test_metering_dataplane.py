@@ -390,18 +390,30 @@ def test_throttle_block_and_open_again(router: Router) -> None:
     assert rate > 50 * THROTTLE_BPS, rate
 
 
+def limit_handle(line: Line, neighbor: str) -> int:
+    with Nft(netns=line.r) as nft:
+        (limit,) = nft.json(f"list limit inet mesh_enforce {limit_name(neighbor)}")
+    return limit["limit"]["handle"]
+
+
 @pytest.mark.netns
 def test_apply_is_idempotent_and_changes_rates(router: Router) -> None:
     enforcer = router.enforcer
-    for _ in range(2):
-        enforcer.apply("v-a", Mode.THROTTLED, 1_000_000)
-        enforcer.apply("wg-gone", Mode.BLOCKED)  # need not exist (yet)
-    enforcer.apply("v-a", Mode.THROTTLED, 8 * 1024 * 1024 + 7)  # whole bytes/s: rounded down
+    assert enforcer.apply("v-a", Mode.THROTTLED, 1_000_000) is True
+    handle = limit_handle(router.line, "v-a")
+    assert enforcer.apply("wg-gone", Mode.BLOCKED) is True  # need not exist (yet)
+    # Again: nothing changes, the throttle keeps its limit object (and bucket).
+    assert enforcer.apply("v-a", Mode.THROTTLED, 1_000_000) is False
+    assert enforcer.apply("v-a", Mode.THROTTLED, 1_000_007) is False  # the same whole bytes/s
+    assert enforcer.apply("wg-gone", Mode.BLOCKED) is False
+    assert limit_handle(router.line, "v-a") == handle
+    assert enforcer.apply("v-a", Mode.THROTTLED, 8 * 1024 * 1024 + 7) is True  # rounded down
+    assert limit_handle(router.line, "v-a") != handle
     assert enforcer.current() == {"v-a": (Mode.THROTTLED, 8 * 1024 * 1024),
                                   "wg-gone": (Mode.BLOCKED, 0)}
     enforcer.apply("wg-gone", Mode.THROTTLED, 64_000)
-    enforcer.apply("v-a", Mode.OPEN)
-    enforcer.remove("v-a")
+    assert enforcer.apply("v-a", Mode.OPEN) is True
+    assert enforcer.remove("v-a") is False
     assert enforcer.current() == {"wg-gone": (Mode.THROTTLED, 64_000)}
     listing = Nft(netns=router.line.r).run("list table inet mesh_enforce")
     assert limit_name("v-a") not in listing and limit_name("wg-gone") in listing
