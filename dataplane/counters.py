@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 from dataplane.policy import check_ifnames
-from dataplane.shim import Nft
+from dataplane.shim import Nft, chain_fingerprint
 
 FAMILY, NAME = "inet", "mesh_meter"
 TABLE = f"{FAMILY} {NAME}"
@@ -398,13 +398,7 @@ class Counters:
 
     def installed_fingerprint(self) -> str | None:
         """The structure version of the table in the kernel; None if there is none."""
-        # Chains only: a listing of the table, or of every table, would make
-        # libnftables fetch every counter; and its JSON leaves comments out.
-        listing = self._nft.run(f"list chains {FAMILY}")
-        if f"table {TABLE} {{" not in listing:
-            return None
-        match = _FINGERPRINT.search(listing)
-        return match.group(1) if match else ""
+        return chain_fingerprint(self._nft, FAMILY, NAME, _FINGERPRINT)
 
     def install(self) -> bool:
         """Create the table unless this version of it exists; True if it was created.

@@ -38,7 +38,7 @@ import hashlib
 import re
 
 from dataplane.policy import check_ifnames
-from dataplane.shim import Nft
+from dataplane.shim import Nft, chain_fingerprint
 
 FAMILY, NAME = "inet", "mesh_enforce"
 TABLE = f"{FAMILY} {NAME}"
@@ -148,14 +148,7 @@ class Enforcer:
 
     def installed_fingerprint(self) -> str | None:
         """The structure version of the table in the kernel; None if there is none."""
-        # Chains only: listing tables makes libnftables fetch every set
-        # element of every table (the usage counters); its JSON leaves
-        # comments out.
-        listing = self._nft.run(f"list chains {FAMILY}")
-        if f"table {TABLE} {{" not in listing:
-            return None
-        match = _FINGERPRINT.search(listing)
-        return match.group(1) if match else ""
+        return chain_fingerprint(self._nft, FAMILY, NAME, _FINGERPRINT)
 
     def install(self) -> bool:
         """Create the table unless this version of it exists; True if it was created.

@@ -18,6 +18,7 @@ import ctypes
 import errno
 import json as jsonlib
 import os
+import re
 import threading
 import weakref
 from collections.abc import Sequence
@@ -181,3 +182,18 @@ class Nft:
         if rc != 0:
             raise NftError(commands, rc, stderr)
         return stdout
+
+
+def chain_fingerprint(nft: Nft, family: str, table: str, pattern: re.Pattern[str]) -> str | None:
+    """The structure version a table carries in a chain comment; None if the
+    table is absent, "" if it has no version.
+
+    Chains only: a listing of the table, or of every table, would make
+    libnftables fetch every set element (the usage counters); and its JSON
+    leaves comments out.
+    """
+    listing = nft.run(f"list chains {family}")
+    if f"table {family} {table} {{" not in listing:
+        return None
+    match = pattern.search(listing)
+    return match.group(1) if match else ""
