@@ -26,7 +26,6 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
-    PubAck,
     StorageType,
     StreamConfig,
 )
@@ -160,25 +159,6 @@ class Bus:
         )
         ack = await self.js.publish(subj, data, headers=headers, stream=STREAM)
         return Published(sequence=ack.seq, duplicate=bool(ack.duplicate))
-
-    async def publish_event_pipelined(
-        self,
-        payload: Message,
-        *,
-        service: str,
-        kind: str,
-        aggregate_id: str,
-        node_id: str,
-        event_id: str,
-        version: int,
-        cause: envelope_pb2.Envelope,
-    ) -> asyncio.Future[PubAck]:
-        """As publish_event, but return at once with a future of the log's answer,
-        so a batch of decisions costs one round trip instead of one each."""
-        subj, data, headers = self._sealed(
-            payload, service, kind, aggregate_id, node_id, event_id, version, cause, None
-        )
-        return await self.js.publish_async(subj, data, headers=headers, stream=STREAM)
 
     async def durable(
         self, name: str, filter_subjects: Sequence[str], ack_wait: float

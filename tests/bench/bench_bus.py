@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from mesh.link.v1 import link_pb2
@@ -78,38 +79,33 @@ def idle_router_rss() -> tuple[int, list[str]]:
             return sum(rss_kib(p) for p in pids), names
 
 
-async def bare_latency(url: str, samples: int) -> list[float]:
-    bus = await Bus.connect(url, "bench-bare")
+async def latency(url: str, watch: str, send: Callable[[Bus, int], Awaitable[object]],
+                  samples: int) -> list[float]:
+    """Seconds from each send() until a message arrives on `watch`."""
+    bus = await Bus.connect(url, "bench-latency")
     got: asyncio.Queue[float] = asyncio.Queue()
+
     async def arrived(_msg: object) -> None:
         got.put_nowait(time.perf_counter())
 
-    await bus.nc.subscribe("bench.bare", cb=arrived)
-    out = []
-    for _ in range(samples):
-        start = time.perf_counter()
-        await bus.nc.publish("bench.bare", b"x" * 64)
-        out.append((await got.get()) - start)
-    await bus.close()
-    return out
-
-
-async def event_latency(url: str, samples: int) -> list[float]:
-    bus = await Bus.connect(url, "bench-events")
-    got: asyncio.Queue[float] = asyncio.Queue()
-    async def arrived(_msg: object) -> None:
-        got.put_nowait(time.perf_counter())
-
-    await bus.nc.subscribe("evt.sharp.pong.lat", cb=arrived)
+    await bus.nc.subscribe(watch, cb=arrived)
     out = []
     for seq in range(samples):
         start = time.perf_counter()
-        await bus.publish_event(sharp_pb2.PingSent(sequence=seq, value=1, origin="lat"),
-                                service="sharp", kind="ping", aggregate_id="lat",
-                                node_id="bench", source="bench")
+        await send(bus, seq)
         out.append((await got.get()) - start)
     await bus.close()
     return out
+
+
+async def bare_publish(bus: Bus, _seq: int) -> None:
+    await bus.nc.publish("bench.bare", b"x" * 64)
+
+
+async def ping(bus: Bus, seq: int) -> None:
+    await bus.publish_event(sharp_pb2.PingSent(sequence=seq, value=1, origin="lat"),
+                            service="sharp", kind="ping", aggregate_id="lat",
+                            node_id="bench", source="bench")
 
 
 async def bare_throughput(url: str, count: int) -> float:
@@ -165,8 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         node.start()
         try:
             url = node.nats_url
-            bare = asyncio.run(bare_latency(url, args.samples))
-            events = asyncio.run(event_latency(url, args.samples))
+            bare = asyncio.run(latency(url, "bench.bare", bare_publish, args.samples))
+            events = asyncio.run(latency(url, "evt.sharp.pong.lat", ping, args.samples))
             bare_tput = asyncio.run(bare_throughput(url, args.events))
             tput = asyncio.run(event_throughput(url, args.events))
         finally:
