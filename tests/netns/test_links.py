@@ -75,10 +75,12 @@ def up_links(mesh: EmulatedMesh, router: str) -> dict[str, link_pb2.LinkUp]:
             if link.status == link_pb2.LINK_STATUS_UP}
 
 
+LINE3_PEERS = {"r1": {"r2"}, "r2": {"r1", "r3"}, "r3": {"r2"}}
+
+
 def all_linked(mesh: EmulatedMesh) -> bool:
     """Every link up in every projection, and its tunnel forwarding in the kernel."""
-    want = {"r1": {"r2"}, "r2": {"r1", "r3"}, "r3": {"r2"}}
-    for router, peers in want.items():
+    for router, peers in LINE3_PEERS.items():
         ups = up_links(mesh, router)
         if set(ups) != peers:
             return False

@@ -24,7 +24,13 @@ from services.common.money import amount
 from services.meter.ledger import balance
 from tests.conftest import require_root, wait_for
 from tests.netns.probes import ping6
-from tests.netns.test_links import all_linked, line3, route_over_tunnels, wait_for_traffic
+from tests.netns.test_links import (
+    LINE3_PEERS,
+    all_linked,
+    line3,
+    route_over_tunnels,
+    wait_for_traffic,
+)
 
 pytestmark = [pytest.mark.netns, pytest.mark.emulator]
 
@@ -48,6 +54,8 @@ def metered_line(tmp_path: Path, **meter: object) -> Iterator[EmulatedMesh]:
     try:
         emulated.start()
         wait_for("all links up", lambda: all_linked(emulated), timeout=60)
+        wait_for("every meter to open a ledger per link", lambda: meters_ready(emulated),
+                 timeout=30)
         route_over_tunnels(emulated)
         wait_for_traffic(emulated)
         yield emulated
@@ -66,6 +74,11 @@ def ledgers(mesh: EmulatedMesh, router: str) -> dict[str, meter_pb2.MeterState.L
     state = meter_pb2.MeterState()
     client.status(mesh.routers[router].layout.socket("meter")).state.Unpack(state)
     return dict(state.ledgers)
+
+
+def meters_ready(mesh: EmulatedMesh) -> bool:
+    """The link service saw each LinkUp; the meter has its own pace of reading them."""
+    return all(set(ledgers(mesh, router)) >= peers for router, peers in LINE3_PEERS.items())
 
 
 class Receiver:
