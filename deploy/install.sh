@@ -38,6 +38,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# anvil (the emulated mesh's chain) comes from npm. Any node with npm will do:
+# Debian's own only when there is none (a nodesource node bundles its npm).
+if ! command -v npm >/dev/null; then
+    say "apt-get install nodejs npm"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+
 if [ ! -x "$venv/bin/python" ]; then
     say "creating $venv"
     python3 -m venv "$venv"
@@ -53,6 +61,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 make -C "$repo/dataplane" -s
+
+# The pinned anvil, into deploy/chain/node_modules (its binary is called directly).
+anvil="$repo/deploy/chain/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
+if [ ! -x "$anvil" ] || [ deploy/chain/package-lock.json -nt "$anvil" ]; then
+    say "npm ci (anvil)"
+    npm ci --prefix "$repo/deploy/chain" --no-audit --no-fund --loglevel=error
+    touch "$anvil"
+fi
 
 say "generating protobuf code"
 "$venv/bin/python" -m proto.build
