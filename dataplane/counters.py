@@ -2,11 +2,16 @@
 
 A neighbor is an interface (a tunnel); a destination is one of a configured
 list of prefixes (IPv6 and IPv4), or `other`. For each neighbor and
-destination the kernel counts what the neighbor sent us to forward (rx: the
-packet came in on its interface) and what we forwarded to it (tx: the packet
-went out on its interface). Only forwarded packets count, and only those the
-forwarding policy and enforcement let through: the counting chain hooks
-`forward` after both.
+destination the kernel counts what the neighbor sent us (rx: the packet came
+in on its interface) and what we sent through it (tx: the packet went out on
+its interface). Forwarded packets count, after the forwarding policy and
+enforcement let them through (the chain `metering` hooks `forward` after
+both); so does our own traffic with a neighbor, but only on its tunnel (the
+chains `delivered` and `originated` hook `input` and `output` for interfaces
+matching LOCAL_INTERFACES): a neighbor pays for what it sends us, whether we
+forward it or it is for us, and we pay for what we send through it, whether
+we forward it or it is ours. Each side of a tunnel thus counts the same bytes.
+A local packet's other interface is empty in its key.
 
 Everything lives in the kernel, in `table inet mesh_meter`, so a restart of
 any service loses no count. Each forwarded packet updates one element of a
@@ -66,6 +71,7 @@ LABEL = ":label"  # the interface name of label elements: never a real one
 # that its ~0.9 us per element.
 SHARDS = 32
 SHARD_SIZE = 65536  # elements per set; beyond it the kernel refuses (ENFILE)
+LOCAL_INTERFACES = "mw*"  # tunnels (services/link names them mw<hash>)
 SETS = tuple(f"u{version}_{k}" for version in (6, 4) for k in range(SHARDS))
 LABEL_SETS = ("u6_0", "u4_0")  # where the labels (and the epoch) live
 
@@ -150,7 +156,7 @@ def _label_key(version: int, address: str, length: int) -> str:
     return f'"{LABEL}" . "{LABEL}" . {address} . {length}'
 
 
-def _skeleton(fingerprint: str) -> str:
+def _skeleton(fingerprint: str, local: str) -> str:
     sets = "".join(
         f"\tset u{version}_{k} {{\n\t\ttype ifname . ifname . {_addr_type(version)} . mark\n"
         f"\t\tsize {SHARD_SIZE}\n\t\tflags dynamic\n\t\tcounter\n\t}}\n"
@@ -161,6 +167,7 @@ def _skeleton(fingerprint: str) -> str:
         for k in range(SHARDS)
     )
     spread = ", ".join(f"{k} : goto m{k}" for k in range(SHARDS))
+    shard = f"jhash iifname . oifname mod {SHARDS} vmap {{ {spread} }}"
     return (
         f"table {TABLE} {{\n{sets}{chains}"
         # After the forwarding policy (priority filter) and enforcement
@@ -168,22 +175,30 @@ def _skeleton(fingerprint: str) -> str:
         "\tchain metering {\n"
         f'\t\tcomment "meshdp counters {fingerprint}"\n'
         "\t\ttype filter hook forward priority filter + 10; policy accept;\n"
-        f"\t\tjhash iifname . oifname mod {SHARDS} vmap {{ {spread} }}\n"
+        f"\t\t{shard}\n"
+        "\t}\n"
+        "\tchain delivered {\n"
+        "\t\ttype filter hook input priority filter + 10; policy accept;\n"
+        f'\t\tiifname "{local}" {shard}\n'
+        "\t}\n"
+        "\tchain originated {\n"
+        "\t\ttype filter hook output priority filter + 10; policy accept;\n"
+        f'\t\toifname "{local}" {shard}\n'
         "\t}\n"
         "}\n"
     )
 
 
-def skeleton_fingerprint() -> str:
+def skeleton_fingerprint(local: str = LOCAL_INTERFACES) -> str:
     """Identifies the table's structure (not its destinations or counts)."""
-    return hashlib.sha256(_skeleton("").encode()).hexdigest()[:16]
+    return hashlib.sha256(_skeleton("", local).encode()).hexdigest()[:16]
 
 
-def render_skeleton(epoch: str) -> str:
+def render_skeleton(epoch: str, local: str = LOCAL_INTERFACES) -> str:
     """The script that creates the table afresh (replacing any other version)."""
     return (
         f"table {TABLE} {{}}\ndelete table {TABLE}\n"
-        + _skeleton(skeleton_fingerprint())
+        + _skeleton(skeleton_fingerprint(local), local)
         + f"add element {TABLE} u6_0 {{ {_label_key(6, '::', OTHER_LEN)} comment \"{epoch}\" }}\n"
     )
 
@@ -391,8 +406,9 @@ class Counters:
     its counts) alone, so a restarted service just carries on.
     """
 
-    def __init__(self, nft: Nft) -> None:
+    def __init__(self, nft: Nft, local: str = LOCAL_INTERFACES) -> None:
         self._nft = nft
+        self._local = local  # interfaces whose own traffic with us counts too
         self._lock = threading.Lock()  # set_destinations reads, then writes
         self.install()
 
@@ -407,9 +423,9 @@ class Counters:
         under a new epoch: only an upgrade that changes the structure does that.
         """
         with self._lock:
-            if self.installed_fingerprint() == skeleton_fingerprint():
+            if self.installed_fingerprint() == skeleton_fingerprint(self._local):
                 return False
-            self._nft.run(render_skeleton(f"epoch {os.urandom(8).hex()}"))
+            self._nft.run(render_skeleton(f"epoch {os.urandom(8).hex()}", self._local))
             return True
 
     def snapshot(self) -> Snapshot:

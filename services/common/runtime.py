@@ -246,13 +246,16 @@ class ServiceRuntime(Generic[S]):
         self.log.debug(kv("event.handled", type=kind, seq=sequence, decided=len(decided)))
         await self.changes.bump()
 
-    async def publish(self, out: Outgoing) -> int:
-        """Publish an event from the outside world (tasks: timers, sockets, netlink)."""
+    async def publish(self, out: Outgoing, event_id: str | None = None) -> int:
+        """Publish an event from the outside world (tasks: timers, sockets, netlink).
+        An event_id named after the fact (a chain log, a proof's nonce) makes a
+        second publication of the same fact, after a crash, a duplicate the log drops."""
         assert self.bus is not None
         self._emitted += 1
         published = await self.bus.publish_event(
             out.payload, service=self.name, kind=out.kind, aggregate_id=out.aggregate_id,
             node_id=self.node_id, version=self._emitted,
+            event_id=f"{self.node_id}.{self.name}.{event_id}" if event_id else None,
         )
         if not published.duplicate:
             self.events_published += 1

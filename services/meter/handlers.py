@@ -155,6 +155,8 @@ def make_handlers(policy: Policy) -> Mapping[type[Message], Handler[Any]]:
         state: meter_pb2.MeterState, event: Event[pay_pb2.PaymentReceived]
     ) -> list[Outgoing]:
         payment = event.payload
+        if payment.purpose != pay_pb2.PAYMENT_PURPOSE_FORWARDING:
+            return []  # a client paying its exit: the exit's ledger, not this one
         if payment.counterparty_id not in state.ledgers:
             raise MalformedEvent(f"payment from {payment.counterparty_id}, not a neighbor")
         try:
@@ -165,12 +167,29 @@ def make_handlers(policy: Policy) -> Mapping[type[Message], Handler[Any]]:
         return decide(state, payment.counterparty_id, meter_pb2.DEBT_CAUSE_PAYMENT_RECEIVED,
                       c, o, r + paid, s)
 
+    def on_payment_sent(
+        state: meter_pb2.MeterState, event: Event[pay_pb2.PaymentSent]
+    ) -> list[Outgoing]:
+        payment = event.payload
+        if payment.purpose != pay_pb2.PAYMENT_PURPOSE_FORWARDING:
+            return []  # our bill with an exit: not this ledger's
+        if payment.counterparty_id not in state.ledgers:
+            raise MalformedEvent(f"payment to {payment.counterparty_id}, not a neighbor")
+        try:
+            paid = amount(payment.amount)
+        except MoneyError as err:
+            raise MalformedEvent(f"payment to {payment.counterparty_id}: {err}") from None
+        c, o, r, s = totals(state.ledgers[payment.counterparty_id])
+        return decide(state, payment.counterparty_id, meter_pb2.DEBT_CAUSE_PAYMENT_SENT,
+                      c, o, r, s + paid)
+
     return {
         link_pb2.LinkUp: on_link_up,
         route_pb2.RouteChanged: on_route_changed,
         meter_pb2.PriceSet: on_price_set,
         meter_pb2.CountersSampled: on_sampled,
         pay_pb2.PaymentReceived: on_payment_received,
+        pay_pb2.PaymentSent: on_payment_sent,
     }
 
 

@@ -192,7 +192,7 @@ DEFINITION: ServiceDefinition[Any] = ServiceDefinition(
     name="meter",
     state_type=meter_pb2.MeterState,
     subjects=("evt.link.up.>", "evt.route.changed.>", "evt.meter.price.>",
-              "evt.meter.sampled.>", "evt.pay.received.>"),
+              "evt.meter.sampled.>", "evt.pay.received.>", "evt.pay.sent.>"),
     handlers=make_handlers(policy_of(MeterSettings())),
     summarize=summarize,
     tasks=(meter_loop,),

@@ -27,6 +27,7 @@ import select
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -315,6 +316,40 @@ def test_only_forwarded_packets_count(router: Router) -> None:
     after = router.counters.snapshot()
     for neighbor in ("v-a", "v-b"):
         assert after.total(neighbor) == before.total(neighbor)
+
+
+@pytest.mark.netns
+def test_own_traffic_with_a_neighbor_counts_on_its_tunnel_only(router: Router) -> None:
+    """What r sends through a tunnel, or receives over one, is billed like
+    forwarded traffic; its traffic on other interfaces is not."""
+    line = router.line
+    with Nft(netns=line.r) as nft, udp_socket(line.r, socket.AF_INET6) as sink:
+        # A listener (no ICMP errors flow back to count), on a port r's policy
+        # takes on its physical links (v-b is one here as well).
+        sink.bind(("::", SPEC.hello_port))
+        counters = Counters(nft, local="v-b")  # v-b plays the tunnel
+        counters.set_destinations(DESTINATIONS)
+        # Neighbor discovery first (a veth has it, a WireGuard tunnel does not).
+        send_udp(line.r, B6, count=1, size=10)
+        send_udp(line.b, R_B6, count=1, size=10, port=SPEC.hello_port)
+        wait_for("neighbor discovery done", lambda: counters.snapshot().total("v-b").rx_packets
+                 >= 2 and counters.snapshot().total("v-b").tx_packets >= 2)
+        time.sleep(0.2)  # an answer in flight must not land in the measurement
+        before = counters.snapshot()
+        send_udp(line.r, B6, count=10, size=100)  # r's own, out through v-b
+        send_udp(line.b, R_B6, count=7, size=100, port=SPEC.hello_port)  # for r, over v-b
+        send_udp(line.a, R_A6, count=5, size=100, port=SPEC.hello_port)  # over v-a: no tunnel
+        wait_for("r's own traffic counted",
+                 lambda: (counters.snapshot().total("v-b") - before.total("v-b")).tx_packets
+                 >= 10)
+        wait_for("what b sent r counted",
+                 lambda: (counters.snapshot().total("v-b") - before.total("v-b")).rx_packets
+                 >= 7)
+        after = counters.snapshot()
+    tunnel = after.total("v-b") - before.total("v-b")
+    assert (tunnel.rx_packets, tunnel.tx_packets) == (7, 10)
+    assert tunnel.tx_bytes == 10 * (100 + 8 + 40)
+    assert after.total("v-a") == before.total("v-a")
 
 
 @pytest.mark.netns

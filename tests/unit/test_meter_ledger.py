@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import itertools
-
-from google.protobuf import timestamp_pb2
-from mesh.common.v1 import envelope_pb2
 from mesh.link.v1 import link_pb2
 from mesh.meter.v1 import meter_pb2
 from mesh.pay.v1 import pay_pb2
 from mesh.route.v1 import route_pb2
 
-from services.common.envelope import Event
 from services.common.money import amount, money
 from services.meter.handlers import Policy, make_handlers
 from services.meter.ledger import Thresholds, balance
+from tests.unit.events import event
 
 POLICY = Policy(Thresholds(pay=1_000, throttle=50_000, cutoff=100_000,
                            throttle_rate_bps=1_000_000), default_neighbor_price=7)
 HANDLERS = make_handlers(POLICY)
-_seq = itertools.count(1)
-
-
-def event(payload: object) -> Event:
-    seq = next(_seq)
-    env = envelope_pb2.Envelope(event_id=f"e{seq}",
-                                occurred_at=timestamp_pb2.Timestamp(seconds=seq))
-    return Event(envelope=env, payload=payload, subject="s", sequence=seq)  # type: ignore[arg-type]
 
 
 def fold(state: meter_pb2.MeterState, payload: object) -> list:
@@ -79,7 +67,8 @@ def test_thresholds_throttle_then_block_and_payment_restores() -> None:
     assert change.rate_limit_bps == 1_000_000
     decided = fold(state, sample("mwb", other=(11_000, 0)))  # 110,000 > cut-off
     assert state.ledgers["b"].enforcement == meter_pb2.ENFORCEMENT_BLOCKED
-    decided = fold(state, pay_pb2.PaymentReceived(counterparty_id="b", amount=money(100_000)))
+    decided = fold(state, pay_pb2.PaymentReceived(
+        counterparty_id="b", amount=money(100_000), purpose=pay_pb2.PAYMENT_PURPOSE_FORWARDING))
     change = next(d.payload for d in decided if d.kind == "enforcement")
     assert change.enforcement == meter_pb2.ENFORCEMENT_OPEN
     assert change.reason == meter_pb2.ENFORCEMENT_REASON_PAID

@@ -80,11 +80,15 @@ def test_skeleton_spreads_packets_over_the_shards() -> None:
     assert "\t\ttype ifname . ifname . ipv6_addr . mark\n" in script
     assert "\t\ttype ifname . ifname . ipv4_addr . mark\n" in script
     chains = re.findall(r"^\tchain (\S+) \{", script, re.MULTILINE)
-    assert chains == [f"m{k}" for k in range(SHARDS)] + ["metering"]
+    assert chains == [f"m{k}" for k in range(SHARDS)] + ["metering", "delivered", "originated"]
     assert not {"meter", "fwd", "dst"} & set(chains + list(SETS))  # nft 1.0.6 keywords
     assert (f"\t\tjhash iifname . oifname mod {SHARDS} vmap {{ 0 : goto m0, 1 : goto m1, "
             in script)
     assert "type filter hook forward priority filter + 10; policy accept;" in script
+    # our own traffic counts on tunnels only
+    assert '\t\tiifname "mw*" jhash iifname . oifname' in script
+    assert '\t\toifname "mw*" jhash iifname . oifname' in script
+    assert counters.skeleton_fingerprint("v-*") != counters.skeleton_fingerprint()
     assert script.endswith('add element inet mesh_meter u6_0 { ":label" . ":label" . :: . 255 '
                            'comment "epoch 0123" }\n')
     fingerprint = counters.skeleton_fingerprint()
