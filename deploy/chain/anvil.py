@@ -46,7 +46,8 @@ class Anvil:
     """A running anvil; `with Anvil() as chain: chain.url`."""
 
     def __init__(self, port: int | None = None, accounts: int = 20, balance_eth: int = 10**6,
-                 block_time: float | None = None, log: Path | None = None) -> None:
+                 block_time: float | None = None, log: Path | None = None,
+                 ipc: Path | None = None) -> None:
         if not BINARY.exists():
             raise ChainError(f"{BINARY} is missing: run deploy/install.sh")
         self.port = port or free_port()
@@ -56,6 +57,10 @@ class Anvil:
                 "--balance", str(balance_eth), "--mnemonic", MNEMONIC, "--silent"]
         if block_time is not None:
             argv += ["--block-time", str(block_time)]
+        # Also on a unix socket: reachable from every network namespace.
+        self.ipc = ipc
+        if ipc is not None:
+            argv += ["--ipc", str(ipc)]
         self.log = log
         output = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - kept for the process's life
         self.process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)

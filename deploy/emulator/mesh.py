@@ -25,7 +25,9 @@ from pathlib import Path
 
 from deploy.meshctl import client
 from deploy.node import NodeLayout, init_node
+from services.common.identity import Identity
 
+from .chain import MeshChain, stop_stale
 from .fabric import Fabric, cleanup_stale
 from .preflight import preflight
 from .topology import Topology
@@ -145,6 +147,7 @@ class EmulatedMesh:
         self.fabric = Fabric(prefix)
         self.log_level = log_level
         self.routers: dict[str, RouterNode] = {}
+        self.chain: MeshChain | None = None
         for spec in topology.nodes:
             if spec.role in ROUTER_ROLES:
                 self.routers[spec.name] = RouterNode(
@@ -173,6 +176,12 @@ class EmulatedMesh:
             f"namespaces: {len(self.topology.nodes)} nodes, {len(self.topology.links)} links "
             f"({time.monotonic() - started:.1f}s)"
         )
+        sections = dict(self.sections)
+        if any("pay" in router.services for router in self.routers.values()):
+            self.chain = MeshChain(self.workdir, self.prefix)
+            sections["pay"] = {"chain_url": self.chain.url,
+                               "contract": self.chain.contract, **sections.get("pay", {})}
+            progress(f"chain: anvil, channel contract at {self.chain.contract}")
         for router in self.routers.values():
             facing = [link.a_ifname for link in self.fabric.links if link.a == router.name]
             facing += [link.b_ifname for link in self.fabric.links if link.b == router.name]
@@ -183,8 +192,11 @@ class EmulatedMesh:
                 netns=router.namespace,
                 log_level=self.log_level,
                 interfaces=sorted(facing),
-                sections=self.sections,
+                sections=sections,
             )
+            if self.chain is not None:
+                keys = Identity.load_or_create(router.layout.data_dir / "keys")
+                self.chain.fund(keys.chain_address)
             self.fabric.run(
                 router.name,
                 [
@@ -225,6 +237,9 @@ class EmulatedMesh:
         """Stop every router (services flush their projections), then the fabric."""
         stop_supervisords([router.layout for router in self.routers.values()])
         progress("routers stopped")
+        if self.chain is not None:
+            self.chain.stop()
+            progress("chain stopped")
         self.fabric.destroy()
         progress("namespaces removed")
         if not keep_files:
@@ -285,4 +300,5 @@ def clean(prefix: str, root: Path = EMU_ROOT) -> list[str]:
     if workdir.is_dir():
         layouts = [NodeLayout(d) for d in sorted(workdir.iterdir()) if d.is_dir()]
         stop_supervisords([lay for lay in layouts if lay.supervisor_file.exists()], timeout=10.0)
+        stop_stale(workdir)
     return cleanup_stale(prefix)

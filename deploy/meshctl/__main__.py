@@ -182,6 +182,21 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_channels(args: argparse.Namespace) -> int:
+    node = resolve_node(args.node)
+    if "pay" not in node.services:
+        raise NodeError(f"node {node.config.node.id} runs no pay service")
+    rows = client.channel_rows(node)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        headers = ["neighbor", "direction", "status", "deposit_wei", "cumulative_wei",
+                   "left_wei", "nonce", "acknowledged", "claimed_wei", "channel"]
+        print(table(headers, [[r[h] for h in headers] for r in rows]) if rows
+              else "no channels yet")
+    return 0
+
+
 def cmd_price(args: argparse.Namespace) -> int:
     import grpc
     from mesh.meter.v1 import control_pb2, control_pb2_grpc, meter_pb2
@@ -241,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     neighbors = sub.add_parser("neighbors", help="neighbors heard and the link to each")
     neighbors.add_argument("--json", action="store_true", help="as JSON")
     neighbors.set_defaults(func=cmd_neighbors)
+
+    channels = sub.add_parser("channels", help="payment channels: deposits, proofs, claims")
+    channels.add_argument("--json", action="store_true", help="as JSON")
+    channels.set_defaults(func=cmd_channels)
 
     price = sub.add_parser("price", help="show or set the router's price per byte")
     price.add_argument("value", nargs="?", metavar="N|auto",

@@ -219,3 +219,31 @@ def meter_ledgers(node: Node) -> dict[str, dict[str, object]]:
         }
         for name, ledger in state.ledgers.items()
     }
+
+
+def channel_rows(node: Node) -> list[dict[str, object]]:
+    """Each payment channel of the node, from pay's projection."""
+    from mesh.pay.v1 import pay_pb2
+
+    from services.common.money import amount
+
+    state = pay_pb2.PayState()
+    status(node.socket("pay")).state.Unpack(state)
+    rows = []
+    for channel_hex, channel in sorted(state.channels.items(),
+                                       key=lambda item: item[1].opened.block_number):
+        outgoing = channel.opened.direction == pay_pb2.CHANNEL_DIRECTION_OUTGOING
+        rows.append({
+            "neighbor": channel.opened.counterparty_id or "-",
+            "direction": "we pay" if outgoing else "pays us",
+            "status": pay_pb2.ChannelStatus.Name(channel.status)
+            .removeprefix("CHANNEL_STATUS_").lower(),
+            "deposit_wei": amount(channel.deposit),
+            "cumulative_wei": amount(channel.cumulative),
+            "left_wei": amount(channel.deposit) - amount(channel.cumulative),
+            "nonce": channel.nonce,
+            "acknowledged": channel.acknowledged_nonce if outgoing else "-",
+            "claimed_wei": amount(channel.claimed),
+            "channel": channel_hex[:16],
+        })
+    return rows

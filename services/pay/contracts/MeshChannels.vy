@@ -1,0 +1,209 @@
+# pragma version 0.4.3
+"""
+@title MeshChannels
+@notice One-way payment channels between mesh routers, in the chain's native
+        coin or any ERC-20 token. The payer escrows a deposit and releases it
+        to the payee in signed cumulative balance proofs (EIP-712 typed data:
+        BalanceProof(bytes32 channelId,uint256 nonce,uint256 amount)); the payee
+        claims the newest one whenever it likes. The payee can close at once;
+        the payer closes through a window in which the payee answers with its
+        newest proof. Settling and claiming only credit balances: everyone
+        withdraws their own (pull payments), so nobody can block another.
+"""
+
+from ethereum.ercs import IERC20
+
+struct Channel:
+    payer: address
+    payee: address
+    token: address
+    deposit: uint256
+    claimed: uint256
+    nonce: uint256
+    close_window: uint256
+    closes_at: uint256
+    settled: bool
+
+event ChannelOpened:
+    channel_id: indexed(bytes32)
+    payer: indexed(address)
+    payee: indexed(address)
+    token: address
+    deposit: uint256
+    close_window: uint256
+
+event ChannelToppedUp:
+    channel_id: indexed(bytes32)
+    added: uint256
+    deposit: uint256
+
+event Claimed:
+    channel_id: indexed(bytes32)
+    nonce: uint256
+    amount: uint256
+
+event CloseRequested:
+    channel_id: indexed(bytes32)
+    closes_at: uint256
+
+event Settled:
+    channel_id: indexed(bytes32)
+    paid: uint256
+    refunded: uint256
+
+event Withdrawn:
+    owner: indexed(address)
+    token: indexed(address)
+    amount: uint256
+
+MIN_CLOSE_WINDOW: constant(uint256) = 1
+MAX_CLOSE_WINDOW: constant(uint256) = 30 * 86400
+# secp256k1's order halved: a larger s is the malleated twin of a signature
+HALF_ORDER: constant(uint256) = 57896044618658097711785492504343953926418782139537452191302581570759080747168
+DOMAIN_TYPEHASH: constant(bytes32) = keccak256(
+    "EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
+PROOF_TYPEHASH: constant(bytes32) = keccak256(
+    "BalanceProof(bytes32 channelId,uint256 nonce,uint256 amount)")
+
+channels: public(HashMap[bytes32, Channel])
+channel_count: public(uint256)
+# token -> owner -> what settlements and claims credited it
+withdrawable: public(HashMap[address, HashMap[address, uint256]])
+
+
+@internal
+@view
+def _domain_separator() -> bytes32:
+    return keccak256(abi_encode(DOMAIN_TYPEHASH, keccak256("MeshChannels"), keccak256("1"),
+                                chain.id, self))
+
+
+@external
+@view
+def domain_separator() -> bytes32:
+    return self._domain_separator()
+
+
+@internal
+@payable
+def _take(token: address, amount: uint256):
+    if token == empty(address):
+        assert msg.value == amount, "value is not the amount"
+    else:
+        assert msg.value == 0, "no coin with a token"
+        assert extcall IERC20(token).transferFrom(msg.sender, self, amount, default_return_value=True), "transfer failed"
+
+
+@external
+@payable
+def open(payee: address, token: address, amount: uint256, close_window: uint256) -> bytes32:
+    assert payee != empty(address) and payee != msg.sender, "bad payee"
+    assert amount > 0, "no deposit"
+    assert close_window >= MIN_CLOSE_WINDOW and close_window <= MAX_CLOSE_WINDOW, "bad window"
+    count: uint256 = self.channel_count + 1
+    self.channel_count = count
+    channel_id: bytes32 = keccak256(abi_encode(self, chain.id, count))
+    self.channels[channel_id] = Channel(
+        payer=msg.sender, payee=payee, token=token, deposit=amount, claimed=0, nonce=0,
+        close_window=close_window, closes_at=0, settled=False)
+    self._take(token, amount)
+    log ChannelOpened(channel_id=channel_id, payer=msg.sender, payee=payee, token=token,
+                      deposit=amount, close_window=close_window)
+    return channel_id
+
+
+@external
+@payable
+def top_up(channel_id: bytes32, amount: uint256):
+    c: Channel = self.channels[channel_id]
+    assert c.payer == msg.sender, "not payer"
+    assert c.closes_at == 0 and not c.settled, "channel closing"
+    assert amount > 0, "no deposit"
+    self.channels[channel_id].deposit = c.deposit + amount
+    self._take(c.token, amount)
+    log ChannelToppedUp(channel_id=channel_id, added=amount, deposit=c.deposit + amount)
+
+
+@internal
+@view
+def _signer(channel_id: bytes32, nonce: uint256, amount: uint256, signature: Bytes[65]) -> address:
+    r: uint256 = convert(slice(signature, 0, 32), uint256)
+    s: uint256 = convert(slice(signature, 32, 32), uint256)
+    v: uint256 = convert(slice(signature, 64, 1), uint256)
+    assert v == 27 or v == 28, "bad signature v"
+    assert s > 0 and s <= HALF_ORDER, "malleable signature"
+    digest: bytes32 = keccak256(concat(
+        b"\x19\x01", self._domain_separator(),
+        keccak256(abi_encode(PROOF_TYPEHASH, channel_id, nonce, amount))))
+    return ecrecover(digest, v, r, s)
+
+
+@internal
+def _claim(channel_id: bytes32, c: Channel, nonce: uint256, amount: uint256, signature: Bytes[65]):
+    assert not c.settled, "channel settled"
+    assert c.closes_at == 0 or block.timestamp <= c.closes_at, "window over"
+    assert nonce > c.nonce, "stale nonce"
+    assert amount >= c.claimed, "amount decreased"
+    assert amount <= c.deposit, "exceeds deposit"
+    signer: address = self._signer(channel_id, nonce, amount, signature)
+    assert signer != empty(address) and signer == c.payer, "wrong signer"
+    self.channels[channel_id].nonce = nonce
+    self.channels[channel_id].claimed = amount
+    self.withdrawable[c.token][c.payee] += amount - c.claimed
+    log Claimed(channel_id=channel_id, nonce=nonce, amount=amount)
+
+
+@external
+def claim(channel_id: bytes32, nonce: uint256, amount: uint256, signature: Bytes[65]):
+    """Credit the payee up to a newer proof; anyone may send it, it only pays the payee."""
+    c: Channel = self.channels[channel_id]
+    assert c.payer != empty(address), "no such channel"
+    self._claim(channel_id, c, nonce, amount, signature)
+
+
+@internal
+def _settle(channel_id: bytes32):
+    c: Channel = self.channels[channel_id]
+    self.channels[channel_id].settled = True
+    refund: uint256 = c.deposit - c.claimed
+    self.withdrawable[c.token][c.payer] += refund
+    log Settled(channel_id=channel_id, paid=c.claimed, refunded=refund)
+
+
+@external
+def close(channel_id: bytes32):
+    """The payee: settle now (it gives up what it has not claimed). The payer:
+    start the window in which the payee can still claim."""
+    c: Channel = self.channels[channel_id]
+    assert not c.settled, "channel settled"
+    if msg.sender == c.payee:
+        self._settle(channel_id)
+    elif msg.sender == c.payer:
+        assert c.closes_at == 0, "already closing"
+        closes_at: uint256 = block.timestamp + c.close_window
+        self.channels[channel_id].closes_at = closes_at
+        log CloseRequested(channel_id=channel_id, closes_at=closes_at)
+    else:
+        raise "not a party"
+
+
+@external
+def settle(channel_id: bytes32):
+    """After the payer's window: anyone may settle."""
+    c: Channel = self.channels[channel_id]
+    assert not c.settled, "channel settled"
+    assert c.closes_at != 0 and block.timestamp > c.closes_at, "window not over"
+    self._settle(channel_id)
+
+
+@external
+@nonreentrant
+def withdraw(token: address):
+    amount: uint256 = self.withdrawable[token][msg.sender]
+    assert amount > 0, "nothing to withdraw"
+    self.withdrawable[token][msg.sender] = 0
+    if token == empty(address):
+        raw_call(msg.sender, b"", value=amount)
+    else:
+        assert extcall IERC20(token).transfer(msg.sender, amount, default_return_value=True), "transfer failed"
+    log Withdrawn(owner=msg.sender, token=token, amount=amount)

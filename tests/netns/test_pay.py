@@ -1,0 +1,203 @@
+"""pay on a live mesh: channels on anvil, balance proofs through the tunnels
+while traffic flows both ways, kill -9 of pay at random moments, and a close
+that settles exactly the last proof on chain."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mesh.meter.v1 import meter_pb2
+from mesh.pay.v1 import pay_pb2
+from pyroute2 import netns
+from web3 import Web3
+
+from deploy.emulator.mesh import EmulatedMesh, clean, service_pid
+from deploy.meshctl import client
+from deploy.meshctl.client import NodeError
+from services.common.money import amount
+from services.pay.contracts import load_artifact
+from tests.conftest import require_root, wait_for
+from tests.netns.test_links import (
+    LINE3_PEERS,
+    all_linked,
+    line3,
+    ns_run,
+    route_over_tunnels,
+    wait_for_traffic,
+)
+
+pytestmark = [pytest.mark.netns, pytest.mark.emulator]
+
+SERVICES = ("discovery", "link", "meter", "pay")
+PRICE = 1_000  # wei per byte, every router, so both sides of a tunnel bill alike
+METER = {"price": PRICE, "default_neighbor_price": PRICE, "sample_interval": 0.1,
+         "pay_threshold": PRICE * 1_000,  # a payment per kilobyte owed
+         "throttle_threshold": 10**15, "cutoff_threshold": 10**16}
+PAY = {"deposit": 10**15, "close_window": 6, "gone_after": 2.0, "chain_poll": 0.3,
+       "resend_seconds": 0.5}
+PAYMENTS, KILLS = 1_000, 20
+PORT = 9100
+
+
+def pay_state(mesh: EmulatedMesh, router: str) -> pay_pb2.PayState:
+    state = pay_pb2.PayState()
+    client.status(mesh.routers[router].layout.socket("pay")).state.Unpack(state)
+    return state
+
+
+def meter_debt(mesh: EmulatedMesh, router: str, neighbor: str) -> meter_pb2.DebtChanged:
+    state = meter_pb2.MeterState()
+    client.status(mesh.routers[router].layout.socket("meter")).state.Unpack(state)
+    return state.ledgers[neighbor].debt
+
+
+def channel(state: pay_pb2.PayState, neighbor: str, outgoing: bool) -> pay_pb2.PayState.Channel:
+    n = state.neighbors[neighbor]
+    return state.channels[n.outgoing_channel if outgoing else n.incoming_channel]
+
+
+def channels_open(mesh: EmulatedMesh) -> bool:
+    for router, peers in LINE3_PEERS.items():
+        state = pay_state(mesh, router)
+        for peer in peers:
+            n = state.neighbors.get(peer)
+            if n is None or n.outgoing_channel not in state.channels \
+                    or n.incoming_channel not in state.channels:
+                return False
+    return True
+
+
+class Traffic:
+    """UDP both ways between r1 and r3 through r2, paced, until stopped."""
+
+    def __init__(self, mesh: EmulatedMesh) -> None:
+        self.mesh = mesh
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.run, args=(a, b), daemon=True)
+                        for a, b in (("r1", "r3"), ("r3", "r1"))]
+
+    def run(self, source: str, target: str) -> None:
+        address = self.mesh.fabric.nodes[target].ipv6
+        sink = netns.create_socket(self.mesh.fabric.netns(target), socket.AF_INET6,
+                                   socket.SOCK_DGRAM, 0, flags=0)
+        sink.bind((address, PORT))
+        sock = netns.create_socket(self.mesh.fabric.netns(source), socket.AF_INET6,
+                                   socket.SOCK_DGRAM, 0, flags=0)
+        with sock, sink:
+            while not self.stop.is_set():
+                for _ in range(20):
+                    with contextlib.suppress(OSError):  # a restarting tunnel: send on
+                        sock.sendto(b"p" * 1000, (address, PORT))
+                time.sleep(0.01)  # ~2 MB/s each way
+
+    def __enter__(self) -> Traffic:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=10)
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[EmulatedMesh]:
+    require_root()
+    prefix = f"py{os.getpid() % 10000}"
+    emulated = EmulatedMesh(line3(), prefix=prefix, root=tmp_path, services=SERVICES,
+                            sections={"meter": METER, "pay": PAY})
+    try:
+        emulated.start()
+        wait_for("all links up", lambda: all_linked(emulated), timeout=60)
+        route_over_tunnels(emulated)
+        wait_for_traffic(emulated)
+        wait_for("a channel each way on every link", lambda: channels_open(emulated),
+                 timeout=60)
+        yield emulated
+    finally:
+        emulated.stop()
+        clean(prefix, tmp_path)
+
+
+def payments(mesh: EmulatedMesh) -> int:
+    """Proofs r1 and r2 have signed to each other (0 while one's pay restarts)."""
+    try:
+        return (channel(pay_state(mesh, "r1"), "r2", outgoing=True).nonce
+                + channel(pay_state(mesh, "r2"), "r1", outgoing=True).nonce)
+    except NodeError:
+        return 0
+
+
+def agreed(mesh: EmulatedMesh, payer: str, payee: str) -> bool:
+    try:
+        sent = channel(pay_state(mesh, payer), payee, outgoing=True)
+        taken = channel(pay_state(mesh, payee), payer, outgoing=False)
+    except NodeError:
+        return False
+    return (sent.nonce == sent.acknowledged_nonce == taken.nonce
+            and sent.cumulative == taken.cumulative)
+
+
+def test_payments_survive_kill_9_and_settle_exactly_the_last_proof(
+    mesh: EmulatedMesh, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = random.Random(os.getpid())
+    started = time.monotonic()
+    with Traffic(mesh):
+        for _ in range(KILLS):
+            time.sleep(rng.uniform(0.5, 2.5))
+            victim = rng.choice(("r1", "r2"))
+            layout = mesh.routers[victim].layout
+            os.kill(service_pid(layout, "pay"), signal.SIGKILL)
+        wait_for(f"{PAYMENTS} payments between r1 and r2",
+                 lambda: payments(mesh) >= PAYMENTS, timeout=300)
+    elapsed = time.monotonic() - started
+    for payer, payee in (("r1", "r2"), ("r2", "r1"), ("r2", "r3"), ("r3", "r2")):
+        wait_for(f"{payer} and {payee} to agree", lambda p=payer, q=payee: agreed(mesh, p, q),
+                 timeout=60)
+    with capsys.disabled():
+        print(f"\n  {payments(mesh)} payments r1<->r2 in {elapsed:.0f}s with {KILLS} kill -9")
+    # meter on both sides credits exactly what the channel carries: nothing twice
+    for payer, payee in (("r1", "r2"), ("r2", "r1")):
+        cumulative = amount(channel(pay_state(mesh, payer), payee, True).cumulative)
+
+        def credited(p: str = payer, q: str = payee) -> tuple[int, int]:
+            return (amount(meter_debt(mesh, p, q).payments_sent),
+                    amount(meter_debt(mesh, q, p).payments_received))
+
+        with contextlib.suppress(AssertionError):
+            wait_for("meters to see every payment", lambda c=cumulative, f=credited:
+                     f() == (c, c), timeout=30)
+        assert credited() == (cumulative, cumulative), f"{payer} paid {payee}"
+
+    # r1 leaves for good: r2, the payee of r1's channel, claims the newest proof
+    # it holds and closes; the chain pays exactly that.
+    channel_id = channel(pay_state(mesh, "r2"), "r1", outgoing=False).opened.channel_id
+    ns_run(mesh, "r1", "ip", "link", "set", "v-r2", "down")
+    chain = mesh.chain
+    assert chain is not None
+    abi, _ = load_artifact()
+    contract = chain.w3.eth.contract(address=Web3.to_checksum_address(chain.contract), abi=abi)
+    names = [o["name"] for o in next(e for e in abi if e.get("name") == "channels")
+             ["outputs"][0]["components"]]
+
+    def on_chain() -> dict[str, object]:
+        return dict(zip(names, contract.functions.channels(channel_id).call(), strict=True))
+
+    wait_for("r1's channel to r2 settled", lambda: on_chain()["settled"], timeout=60)
+    last = pay_state(mesh, "r2").channels[channel_id.hex()]
+    settled = on_chain()
+    assert (settled["claimed"], settled["nonce"]) == (amount(last.cumulative), last.nonce)
+    # r1 may have signed a proof the cut kept from r2: the chain refunds it
+    sent = pay_state(mesh, "r1").channels[channel_id.hex()]
+    assert amount(sent.cumulative) >= settled["claimed"]
