@@ -29,7 +29,9 @@ class MeshChain:
         self.workdir = workdir
         self.ipc = ipc_path(prefix)
         self.ipc.unlink(missing_ok=True)
-        self.anvil = Anvil(log=workdir / "anvil.log", ipc=self.ipc)
+        # Blocks every second, as on a real chain: time on chain moves on, so a
+        # close window ends without someone having to send a transaction.
+        self.anvil = Anvil(log=workdir / "anvil.log", ipc=self.ipc, block_time=1)
         (workdir / PID_FILE).write_text(str(self.anvil.process.pid))
         self.w3 = Web3(Web3.HTTPProvider(self.anvil.url, cache_allowed_requests=True))
         self.contract = deploy(self.w3, self.w3.eth.accounts[0])

@@ -113,6 +113,11 @@ class Chain:
             kind=prepared.kind, tx_hash=prepared.tx_hash, succeeded=receipt["status"] == 1,
             block_number=receipt["blockNumber"], gas_used=receipt["gasUsed"])
 
+    def withdrawable(self) -> int:
+        """What the contract has credited us in the native coin."""
+        return int(self.contract.functions.withdrawable(
+            Web3.to_checksum_address(NATIVE), Web3.to_checksum_address(self.address)).call())
+
     def head(self) -> int:
         return int(self.w3.eth.block_number)
 
@@ -145,6 +150,8 @@ def to_event(name: str, args: dict[str, Any], entry: dict[str, Any], ours: bytes
              counterparty_of: Callable[[bytes], str]) -> Outgoing | None:
     """The pay event a contract log means for us, or None when it is about a
     channel we are not a party to."""
+    if "channel_id" not in args:
+        return None  # Withdrawn: our own balance, nothing about a channel
     tx, block = bytes(entry["transactionHash"]), int(entry["blockNumber"])
     channel_id = bytes(args["channel_id"])
     aggregate = channel_id.hex()

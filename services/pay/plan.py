@@ -16,7 +16,7 @@ from web3 import Web3
 
 from services.common.money import amount
 
-from .handlers import CLOSED, CLOSING, INCOMING, OPEN, OUTGOING
+from .handlers import CLOSING, INCOMING, OPEN, OUTGOING
 
 K = pay_pb2.TransactionKind
 NATIVE_TOKEN = "0x" + "00" * 20
@@ -92,5 +92,6 @@ def claim_or_close(node_id: str, channel: pay_pb2.PayState.Channel) -> Wanted:
     return Wanted(K.TRANSACTION_KIND_CLOSE, node_id, cid, "close", (cid,))
 
 
-def settled_any(state: pay_pb2.PayState) -> bool:
-    return any(channel.status == CLOSED for channel in state.channels.values())
+def withdraw(node_id: str) -> Wanted:
+    """Pull what the contract credited us (the caller read that it did)."""
+    return Wanted(K.TRANSACTION_KIND_WITHDRAW, node_id, b"", "withdraw", (NATIVE_TOKEN,))

@@ -33,6 +33,8 @@ from .wire import Ack, Proof, ProofRejected, decode, encode_ack, encode_proof
 log = logging.getLogger("pay")
 
 REJECTION_RECORD_EVERY_S = 10.0
+REFUSED_RETRY_S = 5.0  # a transaction the chain refused is tried again after this
+WITHDRAW_CHECK_S = 5.0
 R = pay_pb2.PaymentRejectReason
 WIRE_REASONS = {"oversize": R.PAYMENT_REJECT_REASON_OVERSIZED,
                 "decode": R.PAYMENT_REJECT_REASON_MALFORMED,
@@ -92,6 +94,8 @@ class Pay:
         self.sent: dict[str, tuple[int, float]] = {}
         self.prepared: dict[str, pay_pb2.TransactionPrepared] = {}
         self.rejections: dict[tuple[str, int], float] = {}
+        self.refused: dict[tuple[int, str, bytes], float] = {}
+        self.withdraw_checked = 0.0
 
     async def publish(self, out: Outgoing, event_id: str) -> None:
         """Publish, then wait until the projection has it: the next decision
@@ -221,7 +225,7 @@ class Pay:
             event = to_event(name, args, entry, self.chain.address, self.chain, state,
                              lambda address: neighbor_by_address(self.rt.state, address))
             if event is not None:
-                log.info(kv("chain.event", kind=name, channel=args["channel_id"].hex()[:16],
+                log.info(kv("chain.event", kind=name, channel=event.aggregate_id[:16],
                             block=entry["blockNumber"]))
                 await self.publish(event, f"log-{entry['transactionHash'].hex()}-"
                                           f"{entry['logIndex']}")
@@ -249,28 +253,43 @@ class Pay:
         state = self.rt.state
         pending = {**self.prepared, **state.pending_transactions}
         busy = {(tx.kind, tx.counterparty_id, tx.channel_id) for tx in pending.values()}
-        for want in plan.wanted(state, self.settings.terms, time.time()):
-            if want.key in busy:
+        wanted = plan.wanted(state, self.settings.terms, time.time())
+        if time.monotonic() - self.withdraw_checked >= WITHDRAW_CHECK_S:
+            # Settlements and claims credit us in the contract: pull it out.
+            self.withdraw_checked = time.monotonic()
+            if await asyncio.to_thread(self.chain.withdrawable) > 0:
+                wanted.append(plan.withdraw(self.rt.node_id))
+        for want in wanted:
+            if want.key in busy or time.monotonic() - self.refused.get(want.key, -1e9) \
+                    < REFUSED_RETRY_S:
                 continue
-            nonce = await asyncio.to_thread(
-                self.chain.account_nonce, iter(tx.account_nonce for tx in pending.values()))
-            try:
-                prepared = await asyncio.to_thread(
-                    self.chain.prepare, Call(want.kind, want.function, want.args, want.value),
-                    want.counterparty, want.channel_id, nonce)
-            except (ContractLogicError, Web3Exception, ValueError) as err:
-                log.warning(kv("tx.refused", kind=pay_pb2.TransactionKind.Name(want.kind),
-                               neighbor=want.counterparty, error=str(err)[:200]))
-                continue
-            tx_hex = prepared.tx_hash.hex()
-            # Recorded before it is broadcast: after a crash the same bytes go out.
-            await self.publish(Outgoing("tx_prepared", want.counterparty, prepared),
-                               f"tx-{tx_hex}")
-            self.prepared[tx_hex] = prepared
-            pending[tx_hex] = prepared
-            log.info(kv("tx.sent", kind=pay_pb2.TransactionKind.Name(want.kind),
-                        neighbor=want.counterparty, value=want.value, nonce=nonce))
-            await asyncio.to_thread(self.chain.broadcast, prepared.raw_transaction)
+            prepared = await self.submit(want, pending)
+            if prepared is not None:
+                pending[prepared.tx_hash.hex()] = prepared
+
+    async def submit(self, want: plan.Wanted, pending: dict[str, pay_pb2.TransactionPrepared]
+                     ) -> pay_pb2.TransactionPrepared | None:
+        nonce = await asyncio.to_thread(
+            self.chain.account_nonce, iter(tx.account_nonce for tx in pending.values()))
+        try:
+            prepared = await asyncio.to_thread(
+                self.chain.prepare, Call(want.kind, want.function, want.args, want.value),
+                want.counterparty, want.channel_id, nonce)
+        except (ContractLogicError, Web3Exception, ValueError) as err:
+            # e.g. a window that ends with the next block: tried again later
+            self.refused[want.key] = time.monotonic()
+            log.warning(kv("tx.refused", kind=pay_pb2.TransactionKind.Name(want.kind),
+                           neighbor=want.counterparty, error=_reason(err)))
+            return None
+        self.refused.pop(want.key, None)
+        tx_hex = prepared.tx_hash.hex()
+        # Recorded before it is broadcast: after a crash the same bytes go out.
+        await self.publish(Outgoing("tx_prepared", want.counterparty, prepared), f"tx-{tx_hex}")
+        self.prepared[tx_hex] = prepared
+        log.info(kv("tx.sent", kind=pay_pb2.TransactionKind.Name(want.kind),
+                    neighbor=want.counterparty, value=want.value, nonce=nonce))
+        await asyncio.to_thread(self.chain.broadcast, prepared.raw_transaction)
+        return prepared
 
     async def chain_loop(self) -> None:
         log.info(kv("chain.connected", chain_id=self.chain.chain_id,
@@ -283,6 +302,12 @@ class Pay:
             except (OSError, Web3Exception) as err:
                 log.warning(kv("chain.unavailable", error=str(err)[:200]))
             await asyncio.sleep(self.settings.chain_poll)
+
+
+def _reason(err: Exception) -> str:
+    """The revert message, without the ABI-encoded data web3 appends."""
+    message = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
+    return message[:200]
 
 
 async def proof_loop(rt: ServiceRuntime[pay_pb2.PayState]) -> None:

@@ -12,19 +12,23 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
+import coincurve
 import pytest
 from mesh.meter.v1 import meter_pb2
 from mesh.pay.v1 import pay_pb2
 from pyroute2 import netns
 from web3 import Web3
 
-from deploy.emulator.mesh import EmulatedMesh, clean, service_pid
+from deploy.emulator.mesh import EmulatedMesh, MeshError, clean, service_pid
 from deploy.meshctl import client
 from deploy.meshctl.client import NodeError
+from deploy.node import NodeLayout
+from services.common.identity import Identity
 from services.common.money import amount
 from services.pay.contracts import load_artifact
+from services.pay.proofs import Domain
+from services.pay.wire import PROOF_PORT, Proof, encode_proof
 from tests.conftest import require_root, wait_for
 from tests.netns.test_links import (
     LINE3_PEERS,
@@ -110,10 +114,13 @@ class Traffic:
             thread.join(timeout=10)
 
 
-@pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[EmulatedMesh]:
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedMesh]:
+    """One mesh for the module: the rejection test leaves it as it was, the
+    kill test (last) cuts r1 off in the end."""
     require_root()
     prefix = f"py{os.getpid() % 10000}"
+    tmp_path = tmp_path_factory.mktemp("pay")
     emulated = EmulatedMesh(line3(), prefix=prefix, root=tmp_path, services=SERVICES,
                             sections={"meter": METER, "pay": PAY})
     try:
@@ -148,6 +155,76 @@ def agreed(mesh: EmulatedMesh, payer: str, payee: str) -> bool:
             and sent.cumulative == taken.cumulative)
 
 
+def running_pid(layout: NodeLayout) -> int | None:
+    try:
+        return service_pid(layout, "pay")
+    except MeshError:
+        return None  # between a kill and supervisord's restart
+
+
+def settled_up(mesh: EmulatedMesh, payer: str, payee: str) -> bool:
+    """The payer's newest proof is acknowledged and taken, and the meters on both
+    sides credit exactly its amount: nothing lost, nothing counted twice."""
+    try:
+        if not agreed(mesh, payer, payee):
+            return False
+        cumulative = channel(pay_state(mesh, payer), payee, outgoing=True).cumulative
+        return (meter_debt(mesh, payer, payee).payments_sent
+                == meter_debt(mesh, payee, payer).payments_received == cumulative)
+    except NodeError:
+        return False
+
+
+def test_bad_proofs_from_a_neighbor_are_rejected_logged_and_not_credited(
+    mesh: EmulatedMesh,
+) -> None:
+    """r1's own key signs what its pay never would; a stranger's key forges."""
+    r1_key = Identity.load_or_create(mesh.routers["r1"].layout.data_dir / "keys").signing_key
+    with Traffic(mesh):  # until r1 has paid r2 twice, so an older proof exists
+        wait_for("r1's second payment", lambda: agreed(mesh, "r1", "r2") and channel(
+            pay_state(mesh, "r2"), "r1", outgoing=False).nonce >= 2, timeout=60)
+    wait_for("r1 and r2 to agree", lambda: agreed(mesh, "r1", "r2"), timeout=30)
+    r1 = pay_state(mesh, "r1").neighbors["r2"]
+    theirs = pay_state(mesh, "r2")
+    incoming = theirs.channels[theirs.neighbors["r1"].incoming_channel]
+    channel_id, nonce = incoming.opened.channel_id, incoming.nonce
+    cumulative, deposit = amount(incoming.cumulative), amount(incoming.deposit)
+    domain = Domain(31337, bytes.fromhex(mesh.chain.contract[2:]))  # type: ignore[union-attr]
+    forger = coincurve.PrivateKey(os.urandom(32))
+
+    def proof(n: int, value: int, key: coincurve.PrivateKey = r1_key) -> bytes:
+        return encode_proof(Proof(channel_id, n, value, domain.sign(key, channel_id, n, value)))
+
+    bad = {
+        "WRONG_SIGNER": proof(nonce + 100, cumulative + 10**9, forger),
+        "STALE_NONCE": proof(nonce - 1, cumulative + 10**9),
+        "AMOUNT_DECREASED": proof(nonce + 100, max(cumulative - 1, 0)),
+        "EXCEEDS_DEPOSIT": proof(nonce + 100, deposit + 1),
+        "OVERSIZED": b"\x01" + os.urandom(400),
+        "MALFORMED": b"\x01" + os.urandom(40),
+    }
+    credited = amount(meter_debt(mesh, "r2", "r1").payments_received)
+    index = int(ns_run(mesh, "r1", "cat", f"/sys/class/net/{r1.tunnel_interface}/ifindex"))
+    sock = netns.create_socket(mesh.fabric.netns("r1"), socket.AF_INET6, socket.SOCK_DGRAM, 0,
+                               flags=0)
+    with sock:
+        for datagram in bad.values():
+            sock.sendto(datagram, (r1.tunnel_peer_address, PROOF_PORT, 0, index))
+    log = mesh.routers["r2"].layout.log_dir / "pay.log"
+
+    def logged() -> set[str]:
+        return {reason for reason in bad
+                if f"reason=PAYMENT_REJECT_REASON_{reason}" in log.read_text()}
+
+    wait_for("every bad proof rejected in r2's log", lambda: logged() == set(bad), timeout=30)
+    assert "neighbor=r1" in log.read_text()
+    # a stale or decreasing proof is not a resend of the newest: no credit either way
+    after = pay_state(mesh, "r2").channels[channel_id.hex()]
+    assert amount(after.cumulative) < deposit
+    assert amount(meter_debt(mesh, "r2", "r1").payments_received) - credited == \
+        amount(after.cumulative) - cumulative  # only r1's real payments, if any came
+
+
 def test_payments_survive_kill_9_and_settle_exactly_the_last_proof(
     mesh: EmulatedMesh, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -156,29 +233,18 @@ def test_payments_survive_kill_9_and_settle_exactly_the_last_proof(
     with Traffic(mesh):
         for _ in range(KILLS):
             time.sleep(rng.uniform(0.5, 2.5))
-            victim = rng.choice(("r1", "r2"))
-            layout = mesh.routers[victim].layout
-            os.kill(service_pid(layout, "pay"), signal.SIGKILL)
+            layout = mesh.routers[rng.choice(("r1", "r2"))].layout
+            os.kill(wait_for("pay running", lambda lay=layout: running_pid(lay)), signal.SIGKILL)
         wait_for(f"{PAYMENTS} payments between r1 and r2",
                  lambda: payments(mesh) >= PAYMENTS, timeout=300)
     elapsed = time.monotonic() - started
+    # Meters catch up with the last traffic, pay settles the last debts; then
+    # both channel ends and both meters hold one and the same amount.
     for payer, payee in (("r1", "r2"), ("r2", "r1"), ("r2", "r3"), ("r3", "r2")):
-        wait_for(f"{payer} and {payee} to agree", lambda p=payer, q=payee: agreed(mesh, p, q),
-                 timeout=60)
+        wait_for(f"{payer} and {payee} to agree", lambda p=payer, q=payee: settled_up(mesh, p, q),
+                 timeout=90)
     with capsys.disabled():
         print(f"\n  {payments(mesh)} payments r1<->r2 in {elapsed:.0f}s with {KILLS} kill -9")
-    # meter on both sides credits exactly what the channel carries: nothing twice
-    for payer, payee in (("r1", "r2"), ("r2", "r1")):
-        cumulative = amount(channel(pay_state(mesh, payer), payee, True).cumulative)
-
-        def credited(p: str = payer, q: str = payee) -> tuple[int, int]:
-            return (amount(meter_debt(mesh, p, q).payments_sent),
-                    amount(meter_debt(mesh, q, p).payments_received))
-
-        with contextlib.suppress(AssertionError):
-            wait_for("meters to see every payment", lambda c=cumulative, f=credited:
-                     f() == (c, c), timeout=30)
-        assert credited() == (cumulative, cumulative), f"{payer} paid {payee}"
 
     # r1 leaves for good: r2, the payee of r1's channel, claims the newest proof
     # it holds and closes; the chain pays exactly that.

@@ -18,6 +18,7 @@ from mesh.pay.v1 import pay_pb2
 from services.common.money import amount, money
 from services.common.runtime import replay
 from services.pay import plan
+from services.pay.chain import to_event
 from services.pay.handlers import INCOMING, OUTGOING, Payer, make_handlers
 from services.pay.proofs import Domain, address_of
 from services.pay.receive import PaymentRefused, Taken, check
@@ -261,3 +262,23 @@ def test_a_payers_close_is_answered_with_our_newest_proof_in_time() -> None:
     assert (want.function, want.args[1:3]) == ("claim", (9, 900))
     fold(state, pay_pb2.ChannelDisputed(channel_id=IN_ID, nonce=9, cumulative=money(900)))
     assert plan.wanted(state, TERMS, 400) == []
+
+
+def test_contract_logs_become_events_only_for_our_channels() -> None:
+    class FakeChain:  # the two attributes to_event reads
+        chain_id, contract_address = 31337, b"\xcc" * 20
+
+    state = linked(with_channels=False)
+    entry = {"transactionHash": b"\x01" * 32, "blockNumber": 7}
+    opened_log = {"channel_id": OUT_ID, "payer": "0x" + OURS.hex(), "payee": "0x" + THEIRS.hex(),
+                  "token": "0x" + "00" * 20, "deposit": DEPOSIT, "close_window": 60}
+    event = to_event("ChannelOpened", opened_log, entry, OURS, FakeChain(), state,  # type: ignore[arg-type]
+                     lambda address: "r2" if address == THEIRS else "")
+    assert event is not None and event.payload.direction == OUTGOING
+    assert event.payload.counterparty_id == "r2" and event.payload.token_address == b""
+    strangers = {**opened_log, "payer": "0x" + "11" * 20, "payee": "0x" + "22" * 20}
+    assert to_event("ChannelOpened", strangers, entry, OURS, FakeChain(), state,  # type: ignore[arg-type]
+                    lambda address: "") is None
+    withdrawn = {"owner": "0x" + OURS.hex(), "token": "0x" + "00" * 20, "amount": 5}
+    assert to_event("Withdrawn", withdrawn, entry, OURS, FakeChain(), state,  # type: ignore[arg-type]
+                    lambda address: "") is None
