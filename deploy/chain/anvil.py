@@ -6,7 +6,9 @@ its node wrapper (6 ms to start instead of 157 ms).
 
 from __future__ import annotations
 
+import ctypes
 import json
+import signal
 import socket
 import subprocess
 import time
@@ -19,6 +21,15 @@ BINARY = (Path(__file__).resolve().parent
 HARDFORK = "cancun"  # anvil's default is newer than most chains routers will use
 # anvil's well-known development mnemonic: the funded accounts are derived from it
 MNEMONIC = "test test test test test test test test test test test junk"
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: the kernel stops anvil when whoever started it dies, even by
+    kill -9, so no chain outlives a crashed test or demo."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class ChainError(RuntimeError):
@@ -63,7 +74,8 @@ class Anvil:
             argv += ["--ipc", str(ipc)]
         self.log = log
         output = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - kept for the process's life
-        self.process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT,
+                                        preexec_fn=_die_with_parent)
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 15.0) -> None:

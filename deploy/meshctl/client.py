@@ -247,3 +247,15 @@ def channel_rows(node: Node) -> list[dict[str, object]]:
             "channel": channel_hex[:16],
         })
     return rows
+
+
+def link_rows(node: Node) -> list[dict[str, str]]:
+    """The node's links that are up: neighbor, tunnel, the neighbor's address in it."""
+    from mesh.link.v1 import link_pb2
+
+    state = link_pb2.LinkState()
+    status(node.socket("link")).state.Unpack(state)
+    return [{"neighbor": name, "tunnel": link.up.tunnel_interface,
+             "peer_address": link.up.tunnel_peer_address}
+            for name, link in sorted(state.links.items())
+            if link.status == link_pb2.LINK_STATUS_UP]

@@ -13,6 +13,7 @@ from pathlib import Path
 from deploy.emulator import mesh as mesh_mod
 from deploy.emulator.preflight import PreflightError
 from deploy.emulator.topology import TOPOLOGIES_DIR, Topology, TopologyError
+from deploy.emulator.traffic import NeighborTraffic
 
 from . import client
 from .tables import table
@@ -50,7 +51,7 @@ def _progress(line: str) -> None:
 def _mesh(args: argparse.Namespace, topology: Topology) -> mesh_mod.EmulatedMesh:
     services = tuple(s for s in args.services.split(",") if s)
     return mesh_mod.EmulatedMesh(topology, prefix=args.prefix, services=services,
-                                 log_level=args.log_level)
+                                 log_level=args.log_level, sections=DEMO_SECTIONS)
 
 
 def _start(args: argparse.Namespace) -> mesh_mod.EmulatedMesh:
@@ -97,15 +98,31 @@ def status_rows(emulated: mesh_mod.EmulatedMesh) -> list[list[object]]:
         for service, health in healths.items():
             if health == "SERVING":
                 handled += client.status(router.layout.socket(service)).events_handled
-        links, price = "-", "-"
+        links, price, paid = "-", "-", "-"
         node = client.Node.open(router.layout.root)
         if healths.get("link") == "SERVING":
             links = " ".join(_link_cell(r) for r in client.neighbor_rows(node)) or "-"
         if healths.get("meter") == "SERVING":
             price = client.status(node.socket("meter")).summary["price"]
             price = f"{int(price)}/B"
-        rows.append([name, "SERVING" if not sick else " ".join(sick), price, links, handled])
+        if healths.get("pay") == "SERVING":
+            summary = client.status(node.socket("pay")).summary
+            paid = (f"{_short(-int(summary['paid']))}/{_short(int(summary['received']))} "
+                    f"in {int(summary['channels_open'])} ch")
+        rows.append([name, "SERVING" if not sick else " ".join(sick), price, links, paid,
+                     handled])
     return rows
+
+
+def payment_totals(emulated: mesh_mod.EmulatedMesh) -> tuple[int, int]:
+    """Wei paid and received over every router's channels."""
+    paid = received = 0
+    for router in emulated.routers.values():
+        if "pay" in router.services and client.health(router.layout.socket("pay")) == "SERVING":
+            summary = client.status(router.layout.socket("pay")).summary
+            paid += int(summary["paid"])
+            received += int(summary["received"])
+    return paid, received
 
 
 def _link_cell(row: dict[str, object]) -> str:
@@ -124,7 +141,11 @@ def _short(wei: int) -> str:
     return f"{wei:+.2g}" if abs(wei) >= 10_000 else f"{wei:+d}"
 
 
-STATUS_HEADERS = ["router", "health", "price", "links (balance, enforcement)", "events"]
+STATUS_HEADERS = ["router", "health", "price", "links (balance, enforcement)",
+                  "paid/received (wei)", "events"]
+# The demo's economy: a payment for every 100 kB owed, so they are seen flowing.
+DEMO_SECTIONS = {"meter": {"pay_threshold": 10**11}}
+DEMO_NEIGHBOR_RATE = 50_000  # bytes/s each router sends each neighbor
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -138,16 +159,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     traffic = [_ping_forever(router, args.ping_rate) for router in emulated.routers.values()
                if "sharp" in router.services]
     _progress(f"traffic: {args.ping_rate:g} pings/s into sharp on {len(traffic)} routers")
+    _progress(f"traffic: {args.neighbor_rate / 1000:g} kB/s from every router to each "
+              "neighbor, through their tunnels (metered, billed, paid)")
     tty = sys.stdout.isatty()
     deadline = time.monotonic() + args.duration if args.duration else None
     try:
-        while deadline is None or time.monotonic() < deadline:
-            rows = status_rows(emulated)
-            if tty:
-                print("\033[2J\033[H", end="")
-            print(f"[{time.strftime('%H:%M:%S')}] mesh {args.prefix!r} "
-                  f"(Ctrl-C to stop)\n{table(STATUS_HEADERS, rows)}", flush=True)
-            time.sleep(1.0)
+        with NeighborTraffic(emulated, args.neighbor_rate):
+            while deadline is None or time.monotonic() < deadline:
+                rows = status_rows(emulated)
+                if tty:
+                    print("\033[2J\033[H", end="")
+                print(f"[{time.strftime('%H:%M:%S')}] mesh {args.prefix!r} "
+                      f"(Ctrl-C to stop)\n{table(STATUS_HEADERS, rows)}", flush=True)
+                time.sleep(1.0)
     except KeyboardInterrupt:
         print()
     finally:
@@ -157,9 +181,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             process.wait(timeout=30)
     rows = status_rows(emulated)
     healthy = all(r[1] == "SERVING" for r in rows)
-    handled = sum(int(r[4]) for r in rows)
+    handled = sum(int(r[-1]) for r in rows)
     print(f"final state ({handled} events handled across the mesh):\n"
           f"{table(STATUS_HEADERS, rows)}")
+    paid, received = payment_totals(emulated)
+    print(f"payments: {paid} wei paid and {received} wei received across the mesh "
+          f"({paid - received} wei in flight)")
     if args.keep:
         print(f"left running: `meshctl emu down --prefix {args.prefix}` removes it")
     else:
@@ -210,6 +237,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     demo.add_argument("--duration", type=float, default=0.0,
                       help="seconds to run before tearing down (default: until Ctrl-C)")
     demo.add_argument("--keep", action="store_true", help="leave the mesh running at the end")
+    demo.add_argument("--neighbor-rate", type=int, default=DEMO_NEIGHBOR_RATE,
+                      help="bytes/s each router sends each neighbor through their tunnel "
+                      f"(default {DEMO_NEIGHBOR_RATE})")
     demo.add_argument("--ping-rate", type=float, default=20.0,
                       help="test pings per second into each router's sharp (default 20)")
     demo.set_defaults(func=cmd_demo)

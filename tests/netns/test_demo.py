@@ -23,13 +23,17 @@ def test_demo_brings_a_mesh_up_drives_traffic_and_tears_down(tmp_path: Path) -> 
     env = {**os.environ, "MESH_EMU_ROOT": str(tmp_path)}
     done = subprocess.run(
         [sys.executable, "-m", "deploy.meshctl", "demo", "--topology", "line3",
-         "--prefix", prefix, "--duration", "4"],
+         "--prefix", prefix, "--duration", "15"],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "all 3 routers healthy" in out
     assert "traffic: 20 pings/s into sharp on 3 routers" in out
+    assert "through their tunnels (metered, billed, paid)" in out
+    assert "chain: anvil, channel contract at 0x" in out
+    paid = int(out.split("payments: ")[1].split(" wei paid")[0])
+    assert paid > 0, out
     final = out.split("final state")[1]
     assert final.count("SERVING") == 3
     assert "namespaces removed" in out
