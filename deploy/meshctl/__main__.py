@@ -167,18 +167,24 @@ def cmd_identity(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_rows(rows: list[dict[str, object]], headers: list[str], as_json: bool,
+               empty: str) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(table(headers, [[r.get(h, "-") for h in headers] for r in rows]) if rows
+              else empty)
+
+
 def cmd_neighbors(args: argparse.Namespace) -> int:
     node = resolve_node(args.node)
     if "link" not in node.services:
         raise NodeError(f"node {node.config.node.id} runs no link service")
     rows = client.neighbor_rows(node)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        headers = ["neighbor", "heard_on", "address", "link", "tunnel", "ports", "downs"]
-        if any("balance_wei" in r for r in rows):
-            headers += ["rx_bytes", "tx_bytes", "balance_wei", "enforcement"]
-        print(table(headers, [[r.get(h, "-") for h in headers] for r in rows]))
+    headers = ["neighbor", "heard_on", "address", "link", "tunnel", "ports", "downs"]
+    if any("balance_wei" in r for r in rows):
+        headers += ["rx_bytes", "tx_bytes", "balance_wei", "enforcement"]
+    print_rows(rows, headers, args.json, "no neighbors heard yet")
     return 0
 
 
@@ -186,14 +192,9 @@ def cmd_channels(args: argparse.Namespace) -> int:
     node = resolve_node(args.node)
     if "pay" not in node.services:
         raise NodeError(f"node {node.config.node.id} runs no pay service")
-    rows = client.channel_rows(node)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        headers = ["neighbor", "direction", "status", "deposit_wei", "cumulative_wei",
-                   "left_wei", "nonce", "acknowledged", "claimed_wei", "channel"]
-        print(table(headers, [[r[h] for h in headers] for r in rows]) if rows
-              else "no channels yet")
+    headers = ["neighbor", "direction", "status", "deposit_wei", "cumulative_wei",
+               "left_wei", "nonce", "acknowledged", "claimed_wei", "channel"]
+    print_rows(client.channel_rows(node), headers, args.json, "no channels yet")
     return 0
 
 

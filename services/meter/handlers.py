@@ -151,37 +151,35 @@ def make_handlers(policy: Policy) -> Mapping[type[Message], Handler[Any]]:
                           r, s)
         return out
 
-    def on_payment_received(
-        state: meter_pb2.MeterState, event: Event[pay_pb2.PaymentReceived]
-    ) -> list[Outgoing]:
-        payment = event.payload
+    def credit(state: meter_pb2.MeterState, payment: pay_pb2.PaymentReceived
+               | pay_pb2.PaymentSent, received: bool) -> list[Outgoing]:
+        """A payment for forwarding, either way, moves the neighbor's balance;
+        exit payments belong to the exit's ledger, not this one."""
         if payment.purpose != pay_pb2.PAYMENT_PURPOSE_FORWARDING:
-            return []  # a client paying its exit: the exit's ledger, not this one
+            return []
+        way = "from" if received else "to"
         if payment.counterparty_id not in state.ledgers:
-            raise MalformedEvent(f"payment from {payment.counterparty_id}, not a neighbor")
+            raise MalformedEvent(f"payment {way} {payment.counterparty_id}, not a neighbor")
         try:
             paid = amount(payment.amount)
         except MoneyError as err:
-            raise MalformedEvent(f"payment from {payment.counterparty_id}: {err}") from None
+            raise MalformedEvent(f"payment {way} {payment.counterparty_id}: {err}") from None
         c, o, r, s = totals(state.ledgers[payment.counterparty_id])
-        return decide(state, payment.counterparty_id, meter_pb2.DEBT_CAUSE_PAYMENT_RECEIVED,
-                      c, o, r + paid, s)
+        if received:
+            return decide(state, payment.counterparty_id,
+                          meter_pb2.DEBT_CAUSE_PAYMENT_RECEIVED, c, o, r + paid, s)
+        return decide(state, payment.counterparty_id, meter_pb2.DEBT_CAUSE_PAYMENT_SENT,
+                      c, o, r, s + paid)
+
+    def on_payment_received(
+        state: meter_pb2.MeterState, event: Event[pay_pb2.PaymentReceived]
+    ) -> list[Outgoing]:
+        return credit(state, event.payload, received=True)
 
     def on_payment_sent(
         state: meter_pb2.MeterState, event: Event[pay_pb2.PaymentSent]
     ) -> list[Outgoing]:
-        payment = event.payload
-        if payment.purpose != pay_pb2.PAYMENT_PURPOSE_FORWARDING:
-            return []  # our bill with an exit: not this ledger's
-        if payment.counterparty_id not in state.ledgers:
-            raise MalformedEvent(f"payment to {payment.counterparty_id}, not a neighbor")
-        try:
-            paid = amount(payment.amount)
-        except MoneyError as err:
-            raise MalformedEvent(f"payment to {payment.counterparty_id}: {err}") from None
-        c, o, r, s = totals(state.ledgers[payment.counterparty_id])
-        return decide(state, payment.counterparty_id, meter_pb2.DEBT_CAUSE_PAYMENT_SENT,
-                      c, o, r, s + paid)
+        return credit(state, event.payload, received=False)
 
     return {
         link_pb2.LinkUp: on_link_up,
