@@ -152,34 +152,43 @@ def make_handlers(policy: Policy) -> Mapping[type[Message], Handler[Any]]:
         return out
 
     def credit(state: meter_pb2.MeterState, payment: pay_pb2.PaymentReceived
-               | pay_pb2.PaymentSent, received: bool) -> list[Outgoing]:
-        """A payment for forwarding, either way, moves the neighbor's balance;
-        exit payments belong to the exit's ledger, not this one."""
+               | pay_pb2.PaymentSent | pay_pb2.PaymentReverted,
+               cause: meter_pb2.DebtCause.ValueType) -> list[Outgoing]:
+        """A payment for forwarding, either way (or one of ours reverted), moves
+        the neighbor's balance; exit payments belong to the exit's ledger."""
         if payment.purpose != pay_pb2.PAYMENT_PURPOSE_FORWARDING:
             return []
-        way = "from" if received else "to"
-        if payment.counterparty_id not in state.ledgers:
-            raise MalformedEvent(f"payment {way} {payment.counterparty_id}, not a neighbor")
+        neighbor = payment.counterparty_id
+        what = f"{type(payment).__name__} with {neighbor}"
+        if neighbor not in state.ledgers:
+            raise MalformedEvent(f"{what}: not a neighbor")
         try:
             paid = amount(payment.amount)
         except MoneyError as err:
-            raise MalformedEvent(f"payment {way} {payment.counterparty_id}: {err}") from None
-        c, o, r, s = totals(state.ledgers[payment.counterparty_id])
-        if received:
-            return decide(state, payment.counterparty_id,
-                          meter_pb2.DEBT_CAUSE_PAYMENT_RECEIVED, c, o, r + paid, s)
-        return decide(state, payment.counterparty_id, meter_pb2.DEBT_CAUSE_PAYMENT_SENT,
-                      c, o, r, s + paid)
+            raise MalformedEvent(f"{what}: {err}") from None
+        c, o, r, s = totals(state.ledgers[neighbor])
+        if cause == meter_pb2.DEBT_CAUSE_PAYMENT_RECEIVED:
+            r += paid
+        elif cause == meter_pb2.DEBT_CAUSE_PAYMENT_SENT:
+            s += paid
+        else:
+            s = max(s - paid, 0)
+        return decide(state, neighbor, cause, c, o, r, s)
 
     def on_payment_received(
         state: meter_pb2.MeterState, event: Event[pay_pb2.PaymentReceived]
     ) -> list[Outgoing]:
-        return credit(state, event.payload, received=True)
+        return credit(state, event.payload, meter_pb2.DEBT_CAUSE_PAYMENT_RECEIVED)
 
     def on_payment_sent(
         state: meter_pb2.MeterState, event: Event[pay_pb2.PaymentSent]
     ) -> list[Outgoing]:
-        return credit(state, event.payload, received=False)
+        return credit(state, event.payload, meter_pb2.DEBT_CAUSE_PAYMENT_SENT)
+
+    def on_payment_reverted(
+        state: meter_pb2.MeterState, event: Event[pay_pb2.PaymentReverted]
+    ) -> list[Outgoing]:
+        return credit(state, event.payload, meter_pb2.DEBT_CAUSE_PAYMENT_REVERTED)
 
     return {
         link_pb2.LinkUp: on_link_up,
@@ -188,6 +197,7 @@ def make_handlers(policy: Policy) -> Mapping[type[Message], Handler[Any]]:
         meter_pb2.CountersSampled: on_sampled,
         pay_pb2.PaymentReceived: on_payment_received,
         pay_pb2.PaymentSent: on_payment_sent,
+        pay_pb2.PaymentReverted: on_payment_reverted,
     }
 
 

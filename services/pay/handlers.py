@@ -166,16 +166,26 @@ def make_handlers(payer: Payer) -> Mapping[type[Message], Handler[pay_pb2.PaySta
     def on_closed(state: pay_pb2.PayState, event: Event[pay_pb2.ChannelClosed]) -> list[Outgoing]:
         channel_hex = event.payload.channel_id.hex()
         channel = state.channels.get(channel_hex)
-        if channel is None:
+        if channel is None or channel.status == CLOSED:
             return []
         channel.status = CLOSED
+        out: list[Outgoing] = []
+        node_id = channel.opened.counterparty_id
+        unpaid = amount(channel.cumulative) - _amount(event.payload.paid, "settlement")
+        if channel.opened.direction == OUTGOING and unpaid > 0 and node_id in state.neighbors:
+            # Refunded to us: those proofs did not pay after all.
+            paid = state.neighbors[node_id].paid
+            paid.CopyFrom(money(amount(paid) - unpaid))
+            out.append(Outgoing("reverted", node_id, pay_pb2.PaymentReverted(
+                counterparty_id=node_id, channel_id=channel.opened.channel_id,
+                amount=money(unpaid), purpose=pay_pb2.PAYMENT_PURPOSE_FORWARDING)))
         neighbor = state.neighbors.get(channel.opened.counterparty_id)
         if neighbor is not None:
             if neighbor.outgoing_channel == channel_hex:
                 neighbor.outgoing_channel = ""
             if neighbor.incoming_channel == channel_hex:
                 neighbor.incoming_channel = ""
-        return []
+        return out
 
     def on_sent(state: pay_pb2.PayState, event: Event[pay_pb2.PaymentSent]) -> list[Outgoing]:
         return []  # applied when decided (pay_due); here it only comes back from the log
@@ -216,6 +226,11 @@ def make_handlers(payer: Payer) -> Mapping[type[Message], Handler[pay_pb2.PaySta
         state.chain_block = max(state.chain_block, event.payload.block_number)
         return []
 
+    def on_reverted(
+        state: pay_pb2.PayState, event: Event[pay_pb2.PaymentReverted]
+    ) -> list[Outgoing]:
+        return []  # applied when decided (on_closed)
+
     def on_rejected(
         state: pay_pb2.PayState, event: Event[pay_pb2.PaymentRejected]
     ) -> list[Outgoing]:
@@ -234,6 +249,7 @@ def make_handlers(payer: Payer) -> Mapping[type[Message], Handler[pay_pb2.PaySta
         pay_pb2.PaymentAcknowledged: on_acknowledged,
         pay_pb2.PaymentReceived: on_received,
         pay_pb2.PaymentRejected: on_rejected,
+        pay_pb2.PaymentReverted: on_reverted,
         pay_pb2.TransactionPrepared: on_prepared,
         pay_pb2.TransactionMined: on_mined,
         pay_pb2.ChainScanned: on_scanned,

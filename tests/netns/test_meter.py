@@ -110,8 +110,10 @@ def send(mesh: EmulatedMesh, address: str, count: int) -> None:
     with sock:
         for i in range(count):
             sock.sendto(b"m" * PAYLOAD, (address, 9000))
-            if i % 20 == 19:
-                time.sleep(0.002)  # pacing, not waiting on a condition
+            if i % 10 == 9:
+                # Pacing (about 5 MB/s), not waiting on a condition: wireguard-go
+                # drops from faster bursts when the machine is busy.
+                time.sleep(0.002)
 
 
 def billed(mesh: EmulatedMesh, received: int) -> bool:
@@ -132,9 +134,12 @@ def test_relay_bills_forwarded_bytes_at_its_prices(mesh: EmulatedMesh) -> None:
     ledger = ledgers(mesh, "r2")
     rx = ledger["r1"].rx_bytes - base_rx  # r1 sent these through r2
     tx = ledger["r3"].tx_bytes - base_tx  # r2 sent them on to r3
-    expected = received * IP_BYTES
-    assert abs(rx - expected) <= 0.01 * expected, (rx, expected)
-    assert abs(tx - expected) <= 0.01 * expected, (tx, expected)
+    # The relay counts what reached it and what it passed on: no less than what
+    # arrived, no more than what was sent (wireguard-go may drop a few under load),
+    # within 1% (routers' own few packets on the tunnels count too).
+    arrived, sent = received * IP_BYTES, 2000 * IP_BYTES
+    for counted in (rx, tx):
+        assert 0.99 * arrived <= counted <= 1.01 * sent, (arrived, counted, sent)
     # r1 owes r2 its price for every byte; r2 owes r3 the default (no routing yet)
     assert amount(ledger["r1"].debt.usage_charged) == ledger["r1"].rx_bytes * R2_PRICE
     assert amount(ledger["r3"].debt.usage_owed) == ledger["r3"].tx_bytes * DEFAULT_PRICE

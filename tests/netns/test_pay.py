@@ -278,6 +278,9 @@ def test_payments_survive_kill_9_and_settle_exactly_the_last_proof(
     last = pay_state(mesh, "r2").channels[channel_id.hex()]
     settled = on_chain()
     assert (settled["claimed"], settled["nonce"]) == (amount(last.cumulative), last.nonce)
-    # r1 may have signed a proof the cut kept from r2: the chain refunds it
+    # r1 may have signed a proof the cut kept from r2: the chain refunded it,
+    # and r1's books follow the chain
     sent = pay_state(mesh, "r1").channels[channel_id.hex()]
     assert amount(sent.cumulative) >= settled["claimed"]
+    wait_for("r1's ledger to count what the chain paid", lambda: amount(
+        meter_debt(mesh, "r1", "r2").payments_sent) == settled["claimed"], timeout=60)

@@ -100,3 +100,14 @@ def test_replay_gives_the_same_ledger() -> None:
             fold(state, payload)
         states.append(state.SerializeToString(deterministic=True))
     assert states[0] == states[1]
+
+
+def test_a_reverted_payment_no_longer_counts_as_sent() -> None:
+    state = fresh()
+    fold(state, pay_pb2.PaymentSent(counterparty_id="b", amount=money(5_000),
+                                    purpose=pay_pb2.PAYMENT_PURPOSE_FORWARDING))
+    decided = fold(state, pay_pb2.PaymentReverted(counterparty_id="b", amount=money(2_000),
+                                                  purpose=pay_pb2.PAYMENT_PURPOSE_FORWARDING))
+    debt = next(d.payload for d in decided if d.kind == "debt")
+    assert amount(debt.payments_sent) == 3_000
+    assert debt.cause == meter_pb2.DEBT_CAUSE_PAYMENT_REVERTED

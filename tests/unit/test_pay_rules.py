@@ -282,3 +282,16 @@ def test_contract_logs_become_events_only_for_our_channels() -> None:
     withdrawn = {"owner": "0x" + OURS.hex(), "token": "0x" + "00" * 20, "amount": 5}
     assert to_event("Withdrawn", withdrawn, entry, OURS, FakeChain(), state,  # type: ignore[arg-type]
                     lambda address: "") is None
+
+
+def test_a_settlement_short_of_our_newest_proof_reverts_the_difference() -> None:
+    state = linked()
+    [sent] = fold(state, debt(owed=9_000))
+    assert amount(sent.payload.cumulative) == 9_000
+    # the payee only ever got (and claimed) 6,000 worth of our proofs
+    [reverted] = fold(state, pay_pb2.ChannelClosed(channel_id=OUT_ID, paid=money(6_000),
+                                                   refunded=money(DEPOSIT - 6_000)))
+    assert (reverted.kind, amount(reverted.payload.amount)) == ("reverted", 3_000)
+    assert amount(state.neighbors["r2"].paid) == 6_000
+    assert state.neighbors["r2"].outgoing_channel == ""  # a new channel pays the rest
+    assert fold(state, pay_pb2.ChannelClosed(channel_id=OUT_ID, paid=money(6_000))) == []

@@ -94,6 +94,7 @@ def _take(token: address, amount: uint256):
         assert msg.value == amount, "value is not the amount"
     else:
         assert msg.value == 0, "no coin with a token"
+        assert token.is_contract, "token not a contract"
         assert extcall IERC20(token).transferFrom(msg.sender, self, amount, default_return_value=True), "transfer failed"
 
 
