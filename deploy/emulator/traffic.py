@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-import time
 
 from pyroute2 import netns
 
@@ -38,11 +37,14 @@ class NeighborTraffic:
                                        flags=0)
             sink.bind(("::", PORT))
             self.sinks[name] = sink
+        self.targets: list[tuple[socket.socket, str, int]] = []
+        self.indexes: dict[tuple[str, str], int] = {}  # (router, tunnel) -> ifindex
         self.thread = threading.Thread(target=self._run, name="neighbor-traffic", daemon=True)
 
-    def _targets(self) -> list[tuple[socket.socket, str, int]]:
-        """(a socket in the router's namespace, the neighbor's tunnel address,
-        the tunnel's index) for every link up."""
+    def refresh(self) -> None:
+        """Find every link up (links come and go). Call it from the thread that
+        made this object: it forks (`ip netns exec`), and a fork beside gRPC
+        calls on another thread is unsafe."""
         targets = []
         for name, router in self.mesh.routers.items():
             if "link" not in router.services:
@@ -52,21 +54,20 @@ class NeighborTraffic:
                 for row in client.link_rows(node):
                     if row["neighbor"] <= name:
                         continue
-                    index = int(self.mesh.fabric.run(
-                        name, ["cat", f"/sys/class/net/{row['tunnel']}/ifindex"]).stdout)
-                    targets.append((self.sinks[name], row["peer_address"], index))
-        return targets
+                    key = (name, row["tunnel"])
+                    if not self.indexes.get(key):
+                        self.indexes[key] = int(self.mesh.fabric.run(
+                            name, ["cat", f"/sys/class/net/{row['tunnel']}/ifindex"],
+                            check=False).stdout or 0)
+                    index = self.indexes[key]
+                    if index:
+                        targets.append((self.sinks[name], row["peer_address"], index))
+        self.targets = targets
 
     def _run(self) -> None:
-        targets: list[tuple[socket.socket, str, int]] = []
-        refreshed = 0.0
         payload = b"m" * DATAGRAM
         while not self.stop.is_set():
-            if time.monotonic() - refreshed > 5.0:  # links come and go
-                with contextlib.suppress(Exception):
-                    targets = self._targets()
-                refreshed = time.monotonic()
-            for sock, address, index in targets:
+            for sock, address, index in self.targets:
                 with contextlib.suppress(OSError):
                     sock.sendto(payload, (address, PORT, 0, index))
                     self.sent += DATAGRAM
@@ -74,6 +75,7 @@ class NeighborTraffic:
             self.stop.wait(DATAGRAM / self.rate)
 
     def __enter__(self) -> NeighborTraffic:
+        self.refresh()
         self.thread.start()
         return self
 

@@ -164,8 +164,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     tty = sys.stdout.isatty()
     deadline = time.monotonic() + args.duration if args.duration else None
     try:
-        with NeighborTraffic(emulated, args.neighbor_rate):
+        with NeighborTraffic(emulated, args.neighbor_rate) as neighbors:
             while deadline is None or time.monotonic() < deadline:
+                neighbors.refresh()
                 rows = status_rows(emulated)
                 if tty:
                     print("\033[2J\033[H", end="")

@@ -87,24 +87,27 @@ class Traffic:
     """UDP both ways between r1 and r3 through r2, paced, until stopped."""
 
     def __init__(self, mesh: EmulatedMesh) -> None:
-        self.mesh = mesh
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.run, args=(a, b), daemon=True)
-                        for a, b in (("r1", "r3"), ("r3", "r1"))]
+        # Sockets made here, on the main thread: making one in a namespace
+        # forks, and a fork beside gRPC calls on another thread is unsafe.
+        self.flows = []
+        for source, target in (("r1", "r3"), ("r3", "r1")):
+            address = mesh.fabric.nodes[target].ipv6
+            sink = netns.create_socket(mesh.fabric.netns(target), socket.AF_INET6,
+                                       socket.SOCK_DGRAM, 0, flags=0)
+            sink.bind((address, PORT))
+            sock = netns.create_socket(mesh.fabric.netns(source), socket.AF_INET6,
+                                       socket.SOCK_DGRAM, 0, flags=0)
+            self.flows.append((sock, sink, address))
+        self.threads = [threading.Thread(target=self.run, args=(sock, address), daemon=True)
+                        for sock, _, address in self.flows]
 
-    def run(self, source: str, target: str) -> None:
-        address = self.mesh.fabric.nodes[target].ipv6
-        sink = netns.create_socket(self.mesh.fabric.netns(target), socket.AF_INET6,
-                                   socket.SOCK_DGRAM, 0, flags=0)
-        sink.bind((address, PORT))
-        sock = netns.create_socket(self.mesh.fabric.netns(source), socket.AF_INET6,
-                                   socket.SOCK_DGRAM, 0, flags=0)
-        with sock, sink:
-            while not self.stop.is_set():
-                for _ in range(20):
-                    with contextlib.suppress(OSError):  # a restarting tunnel: send on
-                        sock.sendto(b"p" * 1000, (address, PORT))
-                time.sleep(0.01)  # ~2 MB/s each way
+    def run(self, sock: socket.socket, address: str) -> None:
+        while not self.stop.is_set():
+            for _ in range(20):
+                with contextlib.suppress(OSError):  # a restarting tunnel: send on
+                    sock.sendto(b"p" * 1000, (address, PORT))
+            time.sleep(0.01)  # ~2 MB/s each way
 
     def __enter__(self) -> Traffic:
         for thread in self.threads:
@@ -115,6 +118,9 @@ class Traffic:
         self.stop.set()
         for thread in self.threads:
             thread.join(timeout=10)
+        for sock, sink, _ in self.flows:
+            sock.close()
+            sink.close()
 
 
 @pytest.fixture(scope="module")
