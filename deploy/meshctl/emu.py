@@ -106,23 +106,25 @@ def status_rows(emulated: mesh_mod.EmulatedMesh) -> list[list[object]]:
             price = client.status(node.socket("meter")).summary["price"]
             price = f"{int(price)}/B"
         if healths.get("pay") == "SERVING":
-            summary = client.status(node.socket("pay")).summary
-            paid = (f"{_short(-int(summary['paid']))}/{_short(int(summary['received']))} "
-                    f"in {int(summary['channels_open'])} ch")
+            sent, received, channels = _payments(router)
+            paid = f"{_short(-sent)}/{_short(received)} in {channels} ch"
         rows.append([name, "SERVING" if not sick else " ".join(sick), price, links, paid,
                      handled])
     return rows
 
 
+def _payments(router: mesh_mod.RouterNode) -> tuple[int, int, int]:
+    """Wei the router paid and received, and its open channels (pay's summary)."""
+    summary = client.status(router.layout.socket("pay")).summary
+    return int(summary["paid"]), int(summary["received"]), int(summary["channels_open"])
+
+
 def payment_totals(emulated: mesh_mod.EmulatedMesh) -> tuple[int, int]:
     """Wei paid and received over every router's channels."""
-    paid = received = 0
-    for router in emulated.routers.values():
-        if "pay" in router.services and client.health(router.layout.socket("pay")) == "SERVING":
-            summary = client.status(router.layout.socket("pay")).summary
-            paid += int(summary["paid"])
-            received += int(summary["received"])
-    return paid, received
+    serving = [_payments(router) for router in emulated.routers.values()
+               if "pay" in router.services
+               and client.health(router.layout.socket("pay")) == "SERVING"]
+    return sum(p[0] for p in serving), sum(p[1] for p in serving)
 
 
 def _link_cell(row: dict[str, object]) -> str:

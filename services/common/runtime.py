@@ -209,6 +209,20 @@ class ServiceRuntime(Generic[S]):
     # -- events ----------------------------------------------------------
 
     async def _handle(self, msg: Msg, publish: bool) -> None:
+        self._apply(msg, publish)
+        # Also after a rejected event: it moved last_sequence too.
+        await self.changes.bump()
+
+    async def wait_handled(self, sequence: int) -> None:
+        """Until the projection includes the event at this stream sequence (one
+        this service published, say, whose effect its next decision must see)."""
+        while True:
+            version = self.changes.version
+            if self.last_sequence >= sequence:
+                return
+            await self.changes.wait_past(version)
+
+    def _apply(self, msg: Msg, publish: bool) -> None:
         sequence = msg.metadata.sequence.stream
         started = time.perf_counter()
         try:
@@ -244,7 +258,6 @@ class ServiceRuntime(Generic[S]):
         self.telemetry.events_handled.add(1, {"type": kind})
         self.telemetry.handle_latency.record((time.perf_counter() - started) * 1e3, {"type": kind})
         self.log.debug(kv("event.handled", type=kind, seq=sequence, decided=len(decided)))
-        await self.changes.bump()
 
     async def publish(self, out: Outgoing, event_id: str | None = None) -> int:
         """Publish an event from the outside world (tasks: timers, sockets, netlink).

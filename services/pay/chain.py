@@ -10,7 +10,6 @@ run these methods in a thread.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,17 +29,11 @@ from .contracts import load_artifact
 from .handlers import INCOMING, OUTGOING
 from .proofs import address_of
 
-log = logging.getLogger("pay")
-
 NATIVE = b"\x00" * 20
 GAS_MARGIN = 1.25  # over the node's estimate
 # What nodes answer for a transaction they already hold or have mined.
 ALREADY_SENT = ("already known", "nonce too low", "known transaction",
                 "transaction already imported")
-
-
-class ChainUnavailable(RuntimeError):
-    """The chain's RPC failed; the operation is retried later."""
 
 
 def connect(url: str) -> Web3:

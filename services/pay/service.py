@@ -82,13 +82,12 @@ class Pay:
     """What pay's loops share: the key, the chain, the socket, and what is in
     flight ahead of the projection."""
 
-    def __init__(self, rt: ServiceRuntime[pay_pb2.PayState]) -> None:
+    def __init__(self, rt: ServiceRuntime[pay_pb2.PayState], chain: Chain,
+                 domain: Domain) -> None:
         self.rt = rt
         self.settings = rt.cfg.section("pay", PaySettings)
-        self.identity = Identity.load_or_create(rt.cfg.node.data_dir / "keys")
-        self.chain = Chain(connect(self.settings.chain_url),
-                           bytes.fromhex(self.settings.contract[2:]), self.identity.signing_key)
-        self.domain = Domain(self.chain.chain_id, self.chain.contract_address)
+        self.chain = chain
+        self.domain = domain
         self.transport = Transport()
         self.taken: dict[str, Taken] = {}
         self.sent: dict[str, tuple[int, float]] = {}
@@ -100,9 +99,7 @@ class Pay:
     async def publish(self, out: Outgoing, event_id: str) -> None:
         """Publish, then wait until the projection has it: the next decision
         must see it (a second open or top-up would cost real money)."""
-        sequence = await self.rt.publish(out, event_id=event_id)
-        while self.rt.last_sequence < sequence:
-            await asyncio.sleep(0.005)
+        await self.rt.wait_handled(await self.rt.publish(out, event_id=event_id))
 
     # -- proofs ------------------------------------------------------------------
 
@@ -322,22 +319,24 @@ SUBJECTS = ("evt.link.up.>", "evt.link.down.>", "evt.meter.debt.>", "evt.pay.>")
 
 
 def configure(definition: ServiceDefinition[Any], cfg: NodeConfig) -> ServiceDefinition[Any]:
-    """The handlers sign proofs: they need the key and the chain's domain."""
+    """The handlers sign proofs: they need the key and the chain's domain, which
+    one connection to the chain tells; the loops share that connection."""
     settings = cfg.section("pay", PaySettings)
-    identity = Identity.load_or_create(cfg.node.data_dir / "keys")
-    chain = Chain(connect(settings.chain_url), bytes.fromhex(settings.contract[2:]),
-                  identity.signing_key)
-    payer = Payer(identity.signing_key, Domain(chain.chain_id, chain.contract_address),
-                  cfg.section("meter", MeterSettings).pay_threshold)
-    return dataclasses.replace(definition, handlers=make_handlers(payer))
+    key = Identity.load_or_create(cfg.node.data_dir / "keys").signing_key
+    chain = Chain(connect(settings.chain_url), bytes.fromhex(settings.contract[2:]), key)
+    domain = Domain(chain.chain_id, chain.contract_address)
+    payer = Payer(key, domain, cfg.section("meter", MeterSettings).pay_threshold)
+    return dataclasses.replace(definition, handlers=make_handlers(payer),
+                               context=lambda rt: Pay(rt, chain, domain))
 
 
 DEFINITION: ServiceDefinition[Any] = ServiceDefinition(
     name="pay",
     state_type=pay_pb2.PayState,
     subjects=SUBJECTS,
-    handlers={},  # configure() makes them: they sign with the node's key
+    handlers={},
     summarize=summarize,
     tasks=(proof_loop, chain_loop),
-    context=Pay,
+    # configure() makes the handlers (they sign with the node's key) and the
+    # context (it shares configure's connection to the chain)
 )

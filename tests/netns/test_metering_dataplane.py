@@ -27,7 +27,6 @@ import select
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns
 
-from dataplane.counters import OTHER, Counters, Usage
+from dataplane.counters import OTHER, Counters, Snapshot, Usage
 from dataplane.enforcement import Enforcer, Mode, limit_name
 from dataplane.policy import ForwardingPolicy, PolicySpec
 from dataplane.shim import Nft
@@ -318,6 +317,13 @@ def test_only_forwarded_packets_count(router: Router) -> None:
         assert after.total(neighbor) == before.total(neighbor)
 
 
+def settled(counters: Counters) -> Snapshot | None:
+    """A snapshot, if it equals the one just before it (nothing arriving)."""
+    first = counters.snapshot()
+    second = counters.snapshot()
+    return second if second.total("v-b") == first.total("v-b") else None
+
+
 @pytest.mark.netns
 def test_own_traffic_with_a_neighbor_counts_on_its_tunnel_only(router: Router) -> None:
     """What r sends through a tunnel, or receives over one, is billed like
@@ -334,8 +340,7 @@ def test_own_traffic_with_a_neighbor_counts_on_its_tunnel_only(router: Router) -
         send_udp(line.b, R_B6, count=1, size=10, port=SPEC.hello_port)
         wait_for("neighbor discovery done", lambda: counters.snapshot().total("v-b").rx_packets
                  >= 2 and counters.snapshot().total("v-b").tx_packets >= 2)
-        time.sleep(0.2)  # an answer in flight must not land in the measurement
-        before = counters.snapshot()
+        before = wait_for("no answer still in flight", lambda: settled(counters))
         send_udp(line.r, B6, count=10, size=100)  # r's own, out through v-b
         send_udp(line.b, R_B6, count=7, size=100, port=SPEC.hello_port)  # for r, over v-b
         send_udp(line.a, R_A6, count=5, size=100, port=SPEC.hello_port)  # over v-a: no tunnel
