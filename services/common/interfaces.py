@@ -5,6 +5,7 @@ asyncio loop, where pyroute2's synchronous IPRoute cannot run."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,3 +40,12 @@ def physical_interfaces(configured: tuple[str, ...]) -> list[Interface]:
          if name != "lo" and not name.startswith(TUNNEL_PREFIX)),
         key=lambda i: i.name,
     )
+
+
+def link_local_address(name: str) -> str:
+    """The interface's IPv6 link-local address, or "" while it has none."""
+    for line in IF_INET6.read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 6 and fields[5] == name and fields[0].startswith("fe80"):
+            return str(ipaddress.IPv6Address(bytes.fromhex(fields[0])))
+    return ""

@@ -56,7 +56,7 @@ def on_route_changed(
         state.routes.pop(route.prefix, None)
         return []
     try:
-        price = amount(route.advertised_price)
+        price = amount(route.path_price)  # what the next hop charges us
     except MoneyError as err:
         raise MalformedEvent(f"route to {route.prefix}: {err}") from None
     if price > MAX_SANE_PRICE:

@@ -52,7 +52,7 @@ def test_bytes_are_priced_and_netted_per_neighbor() -> None:
 def test_our_price_to_a_destination_includes_our_route() -> None:
     state = fresh()
     fold(state, route_pb2.RouteChanged(prefix="2001:db8::/64", next_hop_id="c",
-                                       advertised_price=money(5)))
+                                       path_price=money(5)))
     fold(state, sample("mwb", **{"2001_db8__/64": (0, 0)}))
     fold(state, sample("mwb", **{"2001_db8__/64": (100, 0)}))
     assert amount(state.ledgers["b"].debt.usage_charged) == 100 * (10 + 5)

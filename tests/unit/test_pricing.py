@@ -54,7 +54,7 @@ def test_absurd_or_negative_money_is_refused() -> None:
         money(-1)
     handlers = make_handlers(policy_of(MeterSettings()))
     route = route_pb2.RouteChanged(prefix="2001:db8::/64", next_hop_id="b",
-                                   advertised_price=money(10**18))
+                                   path_price=money(10**18))
     env = envelope_pb2.Envelope(event_id="e", occurred_at=timestamp_pb2.Timestamp(seconds=1))
     with pytest.raises(MalformedEvent, match="absurd"):
         handlers[route_pb2.RouteChanged](meter_pb2.MeterState(),
