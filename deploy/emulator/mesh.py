@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy.meshctl import client
@@ -34,7 +34,7 @@ from .topology import Topology
 
 EMU_ROOT = Path(os.environ.get("MESH_EMU_ROOT", "/var/lib/mesh-emu"))
 ROUTER_ROLES = ("router", "gateway", "exit")
-DEFAULT_SERVICES = ("discovery", "link", "meter", "pay", "sharp")
+DEFAULT_SERVICES = ("discovery", "link", "meter", "pay", "route", "sharp")
 
 Progress = Callable[[str], None]
 
@@ -49,6 +49,8 @@ def topology_dict(topology: Topology) -> dict[str, object]:
         node: dict[str, object] = {"name": spec.name, "role": spec.role}
         if spec.services is not None:
             node["services"] = list(spec.services)
+        if spec.config:
+            node["config"] = {k: dict(v) for k, v in spec.config.items()}
         nodes.append(node)
     links = []
     for link in topology.links:
@@ -115,6 +117,8 @@ class RouterNode:
     namespace: str
     layout: NodeLayout
     services: tuple[str, ...]
+    # This router's own node-file sections, over the mesh-wide ones.
+    config: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
 
     def unhealthy(self) -> list[str]:
         """What keeps this router from being healthy (empty when it is)."""
@@ -155,6 +159,7 @@ class EmulatedMesh:
                     namespace=f"{prefix}-{spec.name}",
                     layout=NodeLayout(self.workdir / spec.name),
                     services=tuple(spec.services if spec.services is not None else services),
+                    config=spec.config,
                 )
 
     def start(self, progress: Progress = _quiet, timeout: float = 120.0) -> None:
@@ -192,7 +197,8 @@ class EmulatedMesh:
                 netns=router.namespace,
                 log_level=self.log_level,
                 interfaces=sorted(facing),
-                sections=sections,
+                sections={name: {**sections.get(name, {}), **router.config.get(name, {})}
+                          for name in set(sections) | set(router.config)},
             )
             if self.chain is not None:
                 keys = Identity.load_or_create(router.layout.data_dir / "keys")

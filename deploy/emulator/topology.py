@@ -9,6 +9,9 @@ A topology is a small TOML file::
     role = "router"          # optional: router (default), gateway, exit, internet
     services = ["babel"]     # optional: carried as data for the node launcher
 
+    [node.config.meter]      # optional: node-file sections for this node only,
+    price = 10               # over the mesh-wide ones
+
     [[link]]
     a = "r1"
     b = "r2"
@@ -48,7 +51,7 @@ MAX_NODES = 254
 MAX_LINKS = 0xFFFF
 
 _TOP_KEYS = frozenset({"name", "node", "link"})
-_NODE_KEYS = frozenset({"name", "role", "services"})
+_NODE_KEYS = frozenset({"name", "role", "services", "config"})
 _LINK_KEYS = frozenset({"a", "b", "loss", "rate"})
 
 
@@ -75,6 +78,8 @@ class NodeSpec:
     name: str
     role: str = "router"
     services: tuple[str, ...] | None = None
+    # Node-file sections for this node, over the mesh-wide ones: {"meter": {"price": 10}}.
+    config: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -198,7 +203,12 @@ def _node(i: int, raw: Mapping[str, Any], fail: _Fail) -> NodeSpec:
         if not isinstance(services, list) or not all(isinstance(s, str) for s in services):
             raise fail(f'{where}: "services" must be a list of strings')
         services = tuple(services)
-    return NodeSpec(name=name, role=role, services=services)
+    config = raw.get("config", {})
+    if not isinstance(config, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, Mapping) for k, v in config.items()):
+        raise fail(f'{where}: "config" must be a table of sections, e.g. [node.config.meter]')
+    return NodeSpec(name=name, role=role, services=services,
+                    config={k: dict(v) for k, v in config.items()})
 
 
 def _link(k: int, raw: Mapping[str, Any], nodes: Mapping[str, int], fail: _Fail) -> LinkSpec:

@@ -4,6 +4,9 @@
     meshctl identity                  public keys and chain address
     meshctl neighbors                 neighbors heard, link state, tunnel, usage, debt
     meshctl price [N|auto]            the router's price per byte, or set it
+    meshctl routes                    selected routes: next hop, metric, price
+    meshctl route tradeoff [0..1000]  how much price weighs against quality
+    meshctl route babel               Babel neighbors, link costs, malformed counters
     meshctl events [--follow]         the node's event log, decoded
     meshctl inject ping --count N     test traffic for sharp (the chassis' probe)
     meshctl emu up|down|status|clean  the emulated mesh (network namespaces)
@@ -234,6 +237,53 @@ def cmd_price(args: argparse.Namespace) -> int:
     return 0
 
 
+def route_node(spec: str) -> Node:
+    node = resolve_node(spec)
+    if "route" not in node.services:
+        raise NodeError(f"node {node.config.node.id} runs no route service")
+    return node
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    headers = ["prefix", "via", "metric", "penalty", "path_price", "our_price", "priced"]
+    print_rows(client.route_rows(route_node(args.node)), headers, args.json, "no routes yet")
+    return 0
+
+
+def cmd_route_tradeoff(args: argparse.Namespace) -> int:
+    node = route_node(args.node)
+    if args.permille is None:
+        weight = client.babel_status(node).price_weight_permille
+    else:
+        if not 0 <= args.permille <= 1000:
+            raise NodeError(f"tradeoff {args.permille}: give 0 (quality only) to 1000 "
+                            "(price only) permille")
+        weight = client.set_tradeoff(node, args.permille)
+    print(json.dumps({"price_weight_permille": weight}) if args.json else
+          f"price weight {weight}/1000: routes ranked {1000 - weight}/1000 by metric, "
+          f"{weight}/1000 by price")
+    return 0
+
+
+def cmd_route_babel(args: argparse.Namespace) -> int:
+    status = client.babel_status(route_node(args.node))
+    if args.json:
+        print(json_format.MessageToJson(status, always_print_fields_with_no_presence=True))
+        return 0
+    print(f"router-id {status.router_id.hex()}  seqno {status.seqno}  "
+          f"packets {status.packets_received}  updates {status.updates_received}  "
+          f"routes held {status.table_routes}  sources {status.sources}  "
+          f"seqno requests {status.seqno_requests_sent}")
+    dropped = {**{f"packet:{k}": v for k, v in status.packets_rejected.items()},
+               **{f"tlv:{k}": v for k, v in status.tlvs_dropped.items()}}
+    print("malformed: " + (", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"))
+    rows = [[n.node_id or "-", n.interface, n.address, n.rxcost, n.txcost, n.cost,
+             n.hellos_received] for n in status.neighbors]
+    print(table(["neighbor", "interface", "address", "rxcost", "txcost", "cost", "hellos"], rows)
+          if rows else "no Babel neighbors yet")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -267,6 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="set a fixed price in wei per byte, or auto (automatic pricing)")
     price.add_argument("--json", action="store_true", help="as JSON")
     price.set_defaults(func=cmd_price)
+
+    routes = sub.add_parser("routes", help="the selected route to each prefix, metric and price")
+    routes.add_argument("--json", action="store_true", help="as JSON")
+    routes.set_defaults(func=cmd_routes)
+
+    route = sub.add_parser("route", help="Babel: the quality/price knob, neighbors, counters")
+    route_sub = route.add_subparsers(dest="what", required=True)
+    tradeoff = route_sub.add_parser(
+        "tradeoff", help="show or set how much price weighs against route quality")
+    tradeoff.add_argument("permille", nargs="?", type=int, metavar="0..1000",
+                          help="0 picks routes by metric alone, 1000 by price alone")
+    tradeoff.add_argument("--json", action="store_true", help="as JSON")
+    tradeoff.set_defaults(func=cmd_route_tradeoff)
+    babel = route_sub.add_parser("babel", help="Babel neighbors, link costs, packet counters")
+    babel.add_argument("--json", action="store_true", help="as JSON")
+    babel.set_defaults(func=cmd_route_babel)
 
     events = sub.add_parser("events", help="print the node's event log")
     events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")

@@ -259,3 +259,45 @@ def link_rows(node: Node) -> list[dict[str, str]]:
              "peer_address": link.up.tunnel_peer_address}
             for name, link in sorted(state.links.items())
             if link.status == link_pb2.LINK_STATUS_UP]
+
+
+def route_rows(node: Node) -> list[dict[str, object]]:
+    """The selected route to each prefix, from route's projection."""
+    from mesh.route.v1 import route_pb2
+
+    from services.common.money import amount
+
+    state = route_pb2.RouteState()
+    status(node.socket("route")).state.Unpack(state)
+    return [{
+        "prefix": prefix,
+        "via": route.next_hop_id,
+        "metric": route.metric,
+        "advertised_metric": route.advertised_metric,
+        "penalty": route.penalty,
+        "path_price": amount(route.path_price) if route.HasField("path_price") else 0,
+        "our_price": amount(route.advertised_price) if route.HasField("advertised_price") else 0,
+        "priced": "default" if route.price_defaulted else "advertised",
+        "tunnel": route.tunnel_interface,
+    } for prefix, route in sorted(state.routes.items())]
+
+
+def babel_status(node: Node) -> Message:
+    """route's Babel speaker: neighbors with link costs, packet counters."""
+    from mesh.route.v1 import control_pb2, control_pb2_grpc
+
+    with channel(node.socket("route")) as ch:
+        return control_pb2_grpc.RouteControlStub(ch).GetBabel(
+            control_pb2.GetBabelRequest(), timeout=RPC_TIMEOUT)
+
+
+def set_tradeoff(node: Node, permille: int) -> int:
+    from mesh.route.v1 import control_pb2, control_pb2_grpc
+
+    with channel(node.socket("route")) as ch:
+        try:
+            return control_pb2_grpc.RouteControlStub(ch).SetTradeoff(
+                control_pb2.SetTradeoffRequest(price_weight_permille=permille),
+                timeout=RPC_TIMEOUT).price_weight_permille
+        except grpc.RpcError as err:
+            raise NodeError(f"route refused: {err.details()}") from None

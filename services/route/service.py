@@ -21,10 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from mesh.route.v1 import route_pb2
+import grpc
+from mesh.route.v1 import control_pb2, control_pb2_grpc, route_pb2
 
 from services.common.config import ConfigError
 from services.common.identity import Identity
+from services.common.inspect import Control
 from services.common.interfaces import link_local_address
 from services.common.logs import kv
 from services.common.money import amount, money
@@ -98,15 +100,12 @@ class RouteLoop:
         self.kernel = KernelRoutes()
         # The kernel's netlink socket lives on one thread of its own.
         self.kernel_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
-        state = rt.state
+        # Built before the projection is loaded: run() gives it the seqno.
         self.speaker = Speaker(
-            self.router_id, (state.seqno + 1) & 0xFFFF,
-            hello_interval=self.settings.hello_interval, own_price=self.own_price(),
+            self.router_id, 0, hello_interval=self.settings.hello_interval,
             default_path_price=self.settings.default_path_price,
-            price_weight=self.price_weight())
-        self.started = time.monotonic()
-        # Retractions wait until Babel had time to relearn what the log holds.
-        self.hold_retractions_until = self.started + 1.5 * self.speaker.update_interval
+            price_weight=self.settings.price_weight_permille)
+        self.hold_retractions_until = 0.0
         self.own_prefixes: list[str] = []
         self.own_refreshed = -LOOPBACK_REFRESH_SECONDS
         self.sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -155,15 +154,32 @@ class RouteLoop:
         interface, _, address = neighbor_key.partition("/")
         return interface, address
 
+    def tunnel_node_id(self, interface: str) -> str:
+        """The node id of the link whose tunnel this is, or ""."""
+        return next((node_id for node_id, neighbor in self.rt.state.neighbors.items()
+                     if neighbor.tunnel_interface == interface), "")
+
     def neighbor_id(self, interface: str, address: str) -> str:
         """Our name for a Babel neighbor: its node id on a tunnel, else
         address%interface (a babeld, say)."""
-        for node_id, neighbor in self.rt.state.neighbors.items():
-            if neighbor.tunnel_interface == interface:
-                return node_id
-        return f"{address}%{interface}"
+        return self.tunnel_node_id(interface) or f"{address}%{interface}"
 
     # -- selections -> events ---------------------------------------------------------
+
+    def babel_status(self) -> control_pb2.GetBabelResponse:
+        speaker, stats = self.speaker, self.speaker.stats
+        return control_pb2.GetBabelResponse(
+            router_id=speaker.router_id, seqno=speaker.seqno,
+            neighbors=[control_pb2.BabelNeighbor(
+                interface=n.interface, address=n.address,
+                node_id=self.tunnel_node_id(n.interface), rxcost=n.rxcost(), txcost=n.txcost,
+                cost=n.cost(), hellos_received=n.hellos_received)
+                for n in speaker.neighbors.values()],
+            packets_received=stats.packets, updates_received=stats.updates,
+            packets_rejected=dict(stats.rejected), tlvs_dropped=dict(stats.dropped),
+            seqno_requests_sent=stats.seqno_requests,
+            table_routes=sum(len(r) for r in speaker.table.routes.values()),
+            sources=len(speaker.table.sources), price_weight_permille=speaker.price_weight)
 
     def route_event(self, selected: Selected) -> route_pb2.RouteChanged:
         interface, address = self.interface_of(selected.neighbor)
@@ -266,6 +282,10 @@ class RouteLoop:
                     inbox.put_nowait((data, address, socket.if_indextoname(index)))
 
         loop.add_reader(self.sock.fileno(), readable)
+        # One past the last seqno stored: never one a neighbor may have seen.
+        self.speaker.seqno = (self.rt.state.seqno + 1) & 0xFFFF
+        # Retractions wait until Babel had time to relearn what the log holds.
+        self.hold_retractions_until = time.monotonic() + 1.5 * self.speaker.update_interval
         await self.persist_seqno()
         log.info(kv("babel.started", router_id=self.router_id.hex(), seqno=self.speaker.seqno,
                     hello_interval=self.settings.hello_interval))
@@ -310,7 +330,41 @@ def worth_telling(old: route_pb2.RouteChanged, new: route_pb2.RouteChanged) -> b
 
 
 async def route_loop(rt: ServiceRuntime[route_pb2.RouteState]) -> None:
-    await RouteLoop(rt).run()
+    await rt.context.run()
+
+
+class ControlServicer(control_pb2_grpc.RouteControlServicer):
+    def __init__(self, route: RouteLoop) -> None:
+        self.route = route
+
+    async def SetTradeoff(
+        self, request: control_pb2.SetTradeoffRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.SetTradeoffResponse:
+        weight = request.price_weight_permille
+        if weight > MAX_WEIGHT:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"price weight {weight} permille is over {MAX_WEIGHT}")
+        rt = self.route.rt
+        previous = self.route.price_weight()
+        sequence = await rt.publish(Outgoing("tradeoff", rt.node_id, route_pb2.TradeoffChanged(
+            price_weight_permille=weight, previous_permille=previous)))
+        await rt.wait_handled(sequence)
+        log.info(kv("route.tradeoff", price_weight_permille=weight, previous=previous))
+        return control_pb2.SetTradeoffResponse(price_weight_permille=self.route.price_weight())
+
+    async def GetBabel(
+        self, request: control_pb2.GetBabelRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.GetBabelResponse:
+        return self.route.babel_status()
+
+
+def control(rt: ServiceRuntime[route_pb2.RouteState]) -> Control:
+    servicer = ControlServicer(rt.context)
+    return Control(
+        register=lambda server: control_pb2_grpc.add_RouteControlServicer_to_server(
+            servicer, server),
+        name=control_pb2.DESCRIPTOR.services_by_name["RouteControl"].full_name,
+    )
 
 
 DEFINITION: ServiceDefinition[Any] = ServiceDefinition(
@@ -321,4 +375,6 @@ DEFINITION: ServiceDefinition[Any] = ServiceDefinition(
     handlers=HANDLERS,
     summarize=summarize,
     tasks=(route_loop,),
+    controls=(control,),
+    context=RouteLoop,
 )
