@@ -34,7 +34,7 @@ from .topology import Topology
 
 EMU_ROOT = Path(os.environ.get("MESH_EMU_ROOT", "/var/lib/mesh-emu"))
 ROUTER_ROLES = ("router", "gateway", "exit")
-DEFAULT_SERVICES = ("discovery", "link", "meter", "pay", "route", "sharp")
+DEFAULT_SERVICES = ("discovery", "link", "meter", "pay", "route", "verify", "sharp")
 
 Progress = Callable[[str], None]
 

@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from mesh.link.v1 import link_pb2
 from mesh.meter.v1 import meter_pb2
 from mesh.route.v1 import route_pb2
+from mesh.verify.v1 import verify_pb2
 
 from services.common.envelope import Event, MalformedEvent
 from services.common.money import MoneyError, amount
@@ -87,12 +88,31 @@ def on_price_set(state: route_pb2.RouteState, event: Event[meter_pb2.PriceSet]) 
     return []
 
 
+def on_penalized(
+    state: route_pb2.RouteState, event: Event[verify_pb2.NeighborPenalized]
+) -> list[Outgoing]:
+    penalized = event.payload
+    state.penalties[penalized.neighbor_id].CopyFrom(route_pb2.RouteState.Penalty(
+        metric=penalized.penalty_metric,
+        exclude=penalized.mode == verify_pb2.PENALTY_MODE_EXCLUDE,
+        expires_at=penalized.expires_at))
+    return []
+
+
+def on_pardoned(
+    state: route_pb2.RouteState, event: Event[verify_pb2.NeighborPardoned]
+) -> list[Outgoing]:
+    state.penalties.pop(event.payload.neighbor_id, None)
+    return []
+
+
 def summarize(state: route_pb2.RouteState) -> Mapping[str, Any]:
     return {
         "routes": len(state.routes),
         "neighbors": ",".join(sorted(n for n, v in state.neighbors.items() if v.up)) or "-",
         "seqno": state.seqno,
         "price_weight_permille": state.price_weight_permille,
+        "penalized": ",".join(sorted(state.penalties)) or "-",
     }
 
 
@@ -103,4 +123,6 @@ HANDLERS: Final[Mapping[type[Message], Handler[Any]]] = {
     route_pb2.SeqnoIncreased: on_seqno_increased,
     route_pb2.TradeoffChanged: on_tradeoff_changed,
     meter_pb2.PriceSet: on_price_set,
+    verify_pb2.NeighborPenalized: on_penalized,
+    verify_pb2.NeighborPardoned: on_pardoned,
 }

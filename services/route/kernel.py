@@ -28,8 +28,8 @@ class KernelRoute:
 
 
 class KernelRoutes:
-    """Call it from one thread only, never the asyncio loop's: pyroute2's
-    synchronous IPRoute runs a loop of its own (see service.py)."""
+    """Call it on a NetlinkThread (services/common/netlink.py), never on the
+    asyncio loop."""
 
     def __init__(self) -> None:
         self._ipr: IPRoute | None = None

@@ -16,10 +16,8 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from mesh.route.v1 import control_pb2, control_pb2_grpc, route_pb2
@@ -30,6 +28,7 @@ from services.common.inspect import Control
 from services.common.interfaces import link_local_address
 from services.common.logs import kv
 from services.common.money import amount, money
+from services.common.netlink import NetlinkThread
 from services.common.runtime import Outgoing, ServiceDefinition, ServiceRuntime
 from services.meter.service import MeterSettings
 
@@ -40,7 +39,6 @@ from .handlers import HANDLERS, MAX_WEIGHT, prefix_token, summarize
 from .kernel import KernelRoute, KernelRoutes
 
 log = logging.getLogger("route")
-T = TypeVar("T")
 
 PKTINFO = struct.Struct("16sI")  # struct in6_pktinfo
 TICK_SECONDS = 0.1
@@ -69,6 +67,9 @@ class RouteSettings:
         "help": "prefixes to announce besides the router's own addresses"})
     originate_loopback: bool = field(default=True, metadata={
         "help": "announce the global addresses on lo (the router's own)"})
+    overclaim: bool = field(default=False, metadata={
+        "help": "TEST ONLY: advertise every route we forward as metric 0, a router that "
+                "claims far better routes than it delivers (for verify's tests)"})
 
     def __post_init__(self) -> None:
         if self.hello_interval <= 0 or self.hello_interval > 600:
@@ -98,13 +99,13 @@ class RouteLoop:
         identity = Identity.load_or_create(rt.cfg.node.data_dir / "keys")
         self.router_id = router_id_of(identity.identity_key)
         self.kernel = KernelRoutes()
-        # The kernel's netlink socket lives on one thread of its own.
-        self.kernel_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
+        self.kernel_thread = NetlinkThread("kernel")
         # Built before the projection is loaded: run() gives it the seqno.
         self.speaker = Speaker(
             self.router_id, 0, hello_interval=self.settings.hello_interval,
             default_path_price=self.settings.default_path_price,
             price_weight=self.settings.price_weight_permille)
+        self.speaker.overclaim = self.settings.overclaim
         self.hold_retractions_until = 0.0
         self.own_prefixes: list[str] = []
         self.own_refreshed = -LOOPBACK_REFRESH_SECONDS
@@ -153,6 +154,16 @@ class RouteLoop:
     def interface_of(self, neighbor_key: str) -> tuple[str, str]:
         interface, _, address = neighbor_key.partition("/")
         return interface, address
+
+    def penalties(self) -> dict[str, int | None]:
+        """verify's penalties by Babel neighbor: None excludes its routes."""
+        penalties = self.rt.state.penalties
+        found: dict[str, int | None] = {}
+        for key, neighbor in self.speaker.neighbors.items():
+            penalty = penalties.get(self.neighbor_id(neighbor.interface, neighbor.address))
+            if penalty is not None:
+                found[key] = None if penalty.exclude else penalty.metric
+        return found
 
     def tunnel_node_id(self, interface: str) -> str:
         """The node id of the link whose tunnel this is, or ""."""
@@ -232,9 +243,6 @@ class RouteLoop:
                                                           seqno=self.speaker.seqno)))
             await self.rt.wait_handled(sequence)
 
-    async def in_kernel_thread(self, call: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.kernel_thread, call, *args)
-
     def send(self, datagram: Datagram) -> None:
         """From the interface's own link-local address when known: a tunnel has
         two, and neighbors know us (and IHUs name us) by the one link announced."""
@@ -255,7 +263,7 @@ class RouteLoop:
         self.own_refreshed = now
         own = list(self.settings.originate)
         if self.settings.originate_loopback:
-            own += await self.in_kernel_thread(self.kernel.loopback_prefixes)
+            own += await self.kernel_thread.run(self.kernel.loopback_prefixes)
         if own != self.own_prefixes:
             self.own_prefixes = own
             log.info(kv("route.originate", prefixes=",".join(own) or "-"))
@@ -302,7 +310,7 @@ class RouteLoop:
                 await self.tick(now)
             if self.rt.changes.version != kernel_version:
                 kernel_version = self.rt.changes.version
-                failed = await self.in_kernel_thread(self.kernel.reconcile, self.wanted_routes())
+                failed = await self.kernel_thread.run(self.kernel.reconcile, self.wanted_routes())
                 if failed:
                     kernel_version = -1  # try again next time round
                     log.warning(kv("kernel.route_failed", prefixes=",".join(failed)))
@@ -312,6 +320,7 @@ class RouteLoop:
         self.speaker.set_interfaces(self.interface_specs(), now)
         self.speaker.set_price(self.own_price(), self.settings.default_path_price)
         self.speaker.set_weight(self.price_weight())
+        self.speaker.set_penalties(self.penalties())
         self.speaker.tick(now)
         await self.persist_seqno()
         for datagram in self.speaker.take_outbox():
@@ -371,7 +380,8 @@ DEFINITION: ServiceDefinition[Any] = ServiceDefinition(
     name="route",
     state_type=route_pb2.RouteState,
     subjects=("evt.link.up.>", "evt.link.down.>", "evt.meter.price.>", "evt.route.changed.>",
-              "evt.route.seqno.>", "evt.route.tradeoff.>"),
+              "evt.route.seqno.>", "evt.route.tradeoff.>", "evt.verify.penalized.>",
+              "evt.verify.pardoned.>"),
     handlers=HANDLERS,
     summarize=summarize,
     tasks=(route_loop,),

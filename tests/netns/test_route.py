@@ -35,11 +35,17 @@ NAMES = sorted(PRICES)
 _prefixes = itertools.count()
 
 
-def ring() -> Topology:
+def ring(config: dict[str, dict[str, dict[str, object]]] | None = None,
+         loss: dict[tuple[str, str], int] | None = None) -> Topology:
+    """The ring, with extra node-file sections per router and loss per link."""
+    nodes = []
+    for name in NAMES:
+        sections: dict[str, dict[str, object]] = {"meter": {"price": PRICES[name]}}
+        sections.update((config or {}).get(name, {}))
+        nodes.append({"name": name, "config": sections})
     return Topology.from_dict({
-        "name": "ring6",
-        "node": [{"name": n, "config": {"meter": {"price": PRICES[n]}}} for n in NAMES],
-        "link": [{"a": a, "b": b} for a, b in RING],
+        "name": "ring6", "node": nodes,
+        "link": [{"a": a, "b": b, "loss": (loss or {}).get((a, b), 0)} for a, b in RING],
     })
 
 

@@ -1,0 +1,1 @@
+"""Babel itself, without I/O: the codec, neighbors, route table, speaker."""

@@ -11,6 +11,7 @@ Seqno Request (RFC 8966 3.8.2.1).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 from collections.abc import Iterable
@@ -99,6 +100,8 @@ class Speaker:
         self.outbox: list[Datagram] = []
         self.triggered: set[Network] = set()
         self.requested: dict[tuple[Network, bytes], float] = {}
+        # A test-only liar: every route it forwards advertised as metric 0.
+        self.overclaim = False
 
     # -- configuration ----------------------------------------------------------------
 
@@ -294,10 +297,18 @@ class Speaker:
                 if isinstance(message, Update):
                     self.table.advertised(message.prefix, message.router_id, message.seqno,
                                           message.metric, now)
-            for data in encode(interface.pending):
+            for data in encode(self._lie(m) for m in interface.pending):
                 self.outbox.append(Datagram(name, interface.spec.destination, data,
                                             interface.spec.local_address))
             interface.pending.clear()
+
+    def _lie(self, message: Message) -> Message:
+        """The test-only liar lies on the wire alone: its feasibility
+        distances stay true, so its own routing keeps working."""
+        if (self.overclaim and isinstance(message, Update) and message.metric < INFINITY
+                and message.router_id != self.router_id):
+            return dataclasses.replace(message, metric=0)
+        return message
 
     def take_outbox(self) -> list[Datagram]:
         out, self.outbox = self.outbox, []

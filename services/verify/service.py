@@ -1,0 +1,198 @@
+"""verify's definition, settings, and its loop: every window, probe the
+destinations in use (and a random sample of the others) through the
+neighbor each is routed through, judge the neighbor's claim, record a
+RouteVerified; pardon penalties that have run out.
+
+Only IPv6 host routes are probed: a router's own address answers echo
+requests; a wider prefix has no address known to answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv6Network, ip_network
+from typing import Any
+
+from google.protobuf import duration_pb2, timestamp_pb2
+from mesh.verify.v1 import verify_pb2
+
+from services.common.config import ConfigError, NodeConfig
+from services.common.logs import kv
+from services.common.netlink import NetlinkThread
+from services.common.runtime import Outgoing, ServiceDefinition, ServiceRuntime
+
+from .handlers import make_handlers, summarize
+from .judge import PenaltyPolicy, Probes, Tolerance, measured_metric, median, percentile, verdict
+from .probe import Prober, Target
+from .steering import MAX_SLOTS, Path, Steering, mark_of
+
+log = logging.getLogger("verify")
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    window_seconds: float = field(default=10.0, metadata={
+        "help": "seconds between verification windows"})
+    probes: int = field(default=10, metadata={"help": "probes per destination per window"})
+    probe_spacing: float = field(default=0.02, metadata={"help": "seconds between probes"})
+    reply_timeout: float = field(default=1.0, metadata={
+        "help": "seconds to wait for replies after the last probe"})
+    targets_per_window: int = field(default=8, metadata={
+        "help": "destinations probed per window: those in use first"})
+    sampled_per_window: int = field(default=2, metadata={
+        "help": "of them, at least this many drawn at random from those not in use"})
+    tolerance_share: float = field(default=0.5, metadata={
+        "help": "a measured metric may exceed ours by this share before it is an over-claim"})
+    tolerance_slack: int = field(default=96, metadata={
+        "help": "...plus this much (one link: replies may come back another way)"})
+    evaluation_windows: int = field(default=6, metadata={
+        "help": "the sliding evaluation: this many latest windows per neighbor"})
+    overclaimed_windows: int = field(default=2, metadata={
+        "help": "over-claims among them that bring a penalty"})
+    settle_windows: float = field(default=2.0, metadata={
+        "help": "a route is probed once it has not changed for this many windows"})
+    penalty_seconds: int = field(default=60, metadata={
+        "help": "the first penalty's length; each later one lasts twice as long"})
+
+    def __post_init__(self) -> None:
+        if self.window_seconds <= 0 or self.probes <= 0 or self.targets_per_window <= 0:
+            raise ConfigError("[verify] window_seconds, probes and targets_per_window must "
+                              "be positive")
+        if not 0 < self.overclaimed_windows <= self.evaluation_windows:
+            raise ConfigError("[verify] need 0 < overclaimed_windows <= evaluation_windows")
+        if self.tolerance_share < 0 or self.tolerance_slack < 0:
+            raise ConfigError("[verify] tolerances must not be negative")
+
+    def policy(self) -> PenaltyPolicy:
+        return PenaltyPolicy(windows=self.evaluation_windows,
+                             overclaimed=self.overclaimed_windows,
+                             base_seconds=self.penalty_seconds)
+
+
+def probeable(prefix: str) -> bool:
+    network = ip_network(prefix)
+    return isinstance(network, IPv6Network) and network.prefixlen == 128
+
+
+class Verifier:
+    def __init__(self, rt: ServiceRuntime[verify_pb2.VerifyState]) -> None:
+        self.rt = rt
+        self.settings = rt.cfg.section("verify", VerifySettings)
+        self.tolerance = Tolerance(self.settings.tolerance_share, self.settings.tolerance_slack)
+        self.steering = Steering()
+        self.netlink = NetlinkThread("steering")
+        self.slots: dict[str, int] = {}  # neighbor id -> steering slot
+
+    def choose(self) -> list[tuple[str, verify_pb2.VerifyState.Target, bool]]:
+        """(prefix, target, sampled): in use first, then a random sample, of
+        the routes that have settled."""
+        state = self.rt.state
+        settled = time.time() - self.settings.settle_windows * self.settings.window_seconds
+        candidates = {p: t for p, t in state.targets.items()
+                      if probeable(p) and t.changed_at.ToNanoseconds() / 1e9 <= settled}
+        in_use = sorted(p for p in candidates if p in state.in_use)
+        others = [p for p in candidates if p not in state.in_use]
+        room = self.settings.targets_per_window
+        sample_size = min(len(others), max(self.settings.sampled_per_window,
+                                           room - len(in_use)))
+        chosen = [(p, False) for p in in_use[:max(0, room - sample_size)]]
+        chosen += [(p, True) for p in random.sample(others, sample_size)]
+        return [(p, candidates[p], sampled) for p, sampled in chosen[:room]]
+
+    def slot(self, neighbor_id: str) -> int:
+        if neighbor_id not in self.slots:
+            used = set(self.slots.values())
+            self.slots[neighbor_id] = next(s for s in range(MAX_SLOTS) if s not in used)
+        return self.slots[neighbor_id]
+
+    async def window(self, prober: Prober) -> None:
+        chosen = self.choose()
+        if not chosen:
+            return
+        # Every next hop of ours, not only this window's: no churn of rules.
+        paths = {self.slot(t.next_hop_id): Path(t.tunnel_interface, t.next_hop_address)
+                 for t in self.rt.state.targets.values()}
+        failed = set(await self.netlink.run(self.steering.reconcile, paths))
+        targets = [Target(prefix, str(ip_network(prefix).network_address),
+                          mark_of(self.slot(t.next_hop_id)))
+                   for prefix, t, _ in chosen if self.slot(t.next_hop_id) not in failed]
+        start = timestamp_pb2.Timestamp()
+        start.GetCurrentTime()
+        results = await prober.burst(targets, self.settings.probes, self.settings.probe_spacing,
+                                     self.settings.reply_timeout)
+        end = timestamp_pb2.Timestamp()
+        end.GetCurrentTime()
+        for prefix, target, sampled in chosen:
+            probes = results.get(prefix)
+            if probes is None:
+                continue
+            await self.record(prefix, target, sampled, probes, start, end)
+
+    async def record(self, prefix: str, target: verify_pb2.VerifyState.Target, sampled: bool,
+                     probes: Probes, start: timestamp_pb2.Timestamp,
+                     end: timestamp_pb2.Timestamp) -> None:
+        judged = verdict(probes, target.metric, self.tolerance)
+        verified = verify_pb2.RouteVerified(
+            neighbor_id=target.next_hop_id, prefix=prefix,
+            advertised_metric=target.advertised_metric, route_metric=target.metric,
+            measured_metric=min(measured_metric(probes), 0xFFFFFFFF), hops=probes.hops,
+            probes_sent=probes.sent, probes_answered=probes.answered,
+            rtt_median=duration_pb2.Duration(nanos=int(median(probes.rtts) * 1e9)),
+            rtt_p90=duration_pb2.Duration(nanos=int(percentile(probes.rtts, 0.9) * 1e9)),
+            verdict=judged, window_start=start, window_end=end, sampled=sampled)
+        if judged != verify_pb2.VERDICT_HONEST:
+            log.info(kv("route.judged", neighbor=target.next_hop_id, prefix=prefix,
+                        verdict=verify_pb2.Verdict.Name(judged), metric=target.metric,
+                        measured=verified.measured_metric, answered=probes.answered))
+        await self.rt.publish(Outgoing("verified", target.next_hop_id, verified))
+
+    async def pardon_expired(self) -> None:
+        now = time.time()
+        for neighbor_id, record in list(self.rt.state.neighbors.items()):
+            if record.HasField("penalty") and record.penalty.expires_at.seconds <= now:
+                expires = record.penalty.expires_at.seconds
+                log.info(kv("neighbor.pardoned", neighbor=neighbor_id, reason="expired"))
+                await self.rt.publish(
+                    Outgoing("pardoned", neighbor_id, verify_pb2.NeighborPardoned(
+                        neighbor_id=neighbor_id, reason=verify_pb2.PARDON_REASON_EXPIRED)),
+                    event_id=f"pardon.{neighbor_id}.{expires}")
+
+    async def run(self) -> None:
+        prober = Prober()
+        log.info(kv("verify.started", window_seconds=self.settings.window_seconds,
+                    probes=self.settings.probes))
+        try:
+            while True:
+                started = time.monotonic()
+                await self.pardon_expired()
+                await self.window(prober)
+                left = self.settings.window_seconds - (time.monotonic() - started)
+                await asyncio.sleep(max(0.1, left))
+        finally:
+            prober.close()
+
+
+async def verify_loop(rt: ServiceRuntime[verify_pb2.VerifyState]) -> None:
+    await Verifier(rt).run()
+
+
+def configure(definition: ServiceDefinition[Any], cfg: NodeConfig) -> ServiceDefinition[Any]:
+    """Handlers closed over the configured penalty policy."""
+    return dataclasses.replace(
+        definition, handlers=make_handlers(cfg.section("verify", VerifySettings).policy()))
+
+
+DEFINITION: ServiceDefinition[Any] = ServiceDefinition(
+    name="verify",
+    state_type=verify_pb2.VerifyState,
+    subjects=("evt.route.changed.>", "evt.meter.usage.>", "evt.verify.verified.>",
+              "evt.verify.penalized.>", "evt.verify.pardoned.>"),
+    handlers=make_handlers(VerifySettings().policy()),
+    summarize=summarize,
+    tasks=(verify_loop,),
+)
