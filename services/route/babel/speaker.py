@@ -102,6 +102,11 @@ class Speaker:
         self.requested: dict[tuple[Network, bytes], float] = {}
         # A test-only liar: every route it forwards advertised as metric 0.
         self.overclaim = False
+        # Selection runs over the prefixes whose inputs changed, not the table.
+        self.dirty: set[Network] = set()
+        self.all_dirty = True
+        self.last_costs: dict[str, int] = {}
+        self.next_expiry = 0.0
 
     # -- configuration ----------------------------------------------------------------
 
@@ -123,6 +128,7 @@ class Speaker:
         prefixes = set(prefixes)
         if prefixes != self.own:
             self.triggered |= prefixes ^ self.own
+            self.dirty |= prefixes ^ self.own
             self.own = prefixes
 
     def set_price(self, own_price: int, default_path_price: int) -> None:
@@ -131,10 +137,14 @@ class Speaker:
             self.triggered |= self.own | set(self.selected)
 
     def set_weight(self, price_weight: int) -> None:
-        self.price_weight = price_weight
+        if price_weight != self.price_weight:
+            self.price_weight = price_weight
+            self.all_dirty = True
 
     def set_penalties(self, penalties: dict[str, int | None]) -> None:
-        self.penalties = dict(penalties)
+        if penalties != self.penalties:
+            self.penalties = dict(penalties)
+            self.all_dirty = True
 
     # -- receiving ----------------------------------------------------------------------
 
@@ -175,8 +185,10 @@ class Speaker:
                 if key in self.neighbors and message.router_id != self.router_id:
                     self.stats.updates += 1
                     self.table.update(key, message, now, self.selected.get(message.prefix))
+                    self.dirty.add(message.prefix)
             case WildcardRetraction():
                 self.table.retract_all(key)
+                self.all_dirty = True
             case RouteRequest(prefix=prefix):
                 self._queue(interface, self._updates(None if prefix is None else [prefix],
                                                      interface))
@@ -227,6 +239,7 @@ class Speaker:
     def _forget(self, key: str) -> None:
         self.neighbors.pop(key, None)
         self.table.retract_all(key)
+        self.all_dirty = True
 
     # -- sending ------------------------------------------------------------------------
 
@@ -269,8 +282,10 @@ class Speaker:
             neighbor.tick(now)
         for key in [k for k, n in self.neighbors.items() if n.silent]:
             self._forget(key)
-        self.table.expire(now)
-        self.requested = {k: until for k, until in self.requested.items() if until > now}
+        if now >= self.next_expiry:
+            self.next_expiry = now + 1.0
+            self.dirty |= self.table.expire(now)
+            self.requested = {k: until for k, until in self.requested.items() if until > now}
         self._select(now)
         for name, interface in self.interfaces.items():
             if now >= interface.next_hello:
@@ -321,13 +336,19 @@ class Speaker:
 
     def _select(self, now: float) -> None:
         costs = self.costs()
-        prefixes = (set(self.table.routes) | set(self.selected)) - self.own
-        for prefix in prefixes:
+        if costs != self.last_costs:
+            self.last_costs = costs
+            self.all_dirty = True
+        prefixes = (set(self.table.routes) | set(self.selected)) if self.all_dirty else self.dirty
+        self.all_dirty, self.dirty = False, set()
+        for prefix in prefixes - self.own:
             old = self.selected.get(prefix)
             new, preferred = self.table.select(prefix, costs, self.penalties, self.price_weight)
             if preferred is not None and (new is None or preferred.neighbor != new.neighbor):
-                # Starving, or kept from the route we prefer by feasibility.
+                # Starving, or kept from the route we prefer by feasibility:
+                # ask, and look again next time.
                 self._request_newer(prefix, preferred.router_id, now)
+                self.dirty.add(prefix)
                 if old is not None and new is not None and self._awaiting(new, now):
                     # A fresh seqno came first another way: advertising it now
                     # would make the preferred route unfeasible again when its

@@ -134,10 +134,14 @@ class RouteTable:
             if not self.routes[prefix]:
                 del self.routes[prefix]
 
-    def expire(self, now: float) -> None:
+    def expire(self, now: float) -> set[Network]:
+        """Retract routes not refreshed in time, drop old retractions and
+        unused sources; the prefixes whose routes changed."""
+        changed = set()
         for prefix in list(self.routes):
             routes = self.routes[prefix]
             for neighbor in [n for n, r in routes.items() if r.expires <= now]:
+                changed.add(prefix)
                 if routes[neighbor].advertised_metric < INFINITY:
                     # Retracted first, removed a little later, like an explicit retraction.
                     routes[neighbor].advertised_metric = INFINITY
@@ -148,6 +152,7 @@ class RouteTable:
                 del self.routes[prefix]
         for key in [k for k, s in self.sources.items() if now - s.used > SOURCE_GC_SECONDS]:
             del self.sources[key]
+        return changed
 
     # -- selection -----------------------------------------------------------------
 
