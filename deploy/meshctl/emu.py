@@ -113,6 +113,28 @@ def status_rows(emulated: mesh_mod.EmulatedMesh) -> list[list[object]]:
     return rows
 
 
+ROUTE_HEADERS = ["router", "routes: destination>next hop (metric, price paid wei/B)",
+                 "penalized"]
+
+
+def route_rows(emulated: mesh_mod.EmulatedMesh) -> list[list[object]]:
+    """Per router: its selected route to each other router, and the
+    neighbors verify has penalized."""
+    names = {f"{node.ipv6}/128": name for name, node in emulated.fabric.nodes.items()}
+    rows: list[list[object]] = []
+    for name, router in emulated.routers.items():
+        if "route" not in router.services or \
+                client.health(router.layout.socket("route")) != "SERVING":
+            continue
+        node = client.Node.open(router.layout.root)
+        cells = [f"{names[r['prefix']]}>{r['via']}"
+                 f"({r['metric']},{_short(int(r['path_price'])).lstrip('+')})"
+                 for r in client.route_rows(node) if r["prefix"] in names]
+        penalized = client.status(node.socket("route")).summary["penalized"]
+        rows.append([name, " ".join(sorted(cells)) or "-", penalized])
+    return rows
+
+
 def _payments(router: mesh_mod.RouterNode) -> tuple[int, int, int]:
     """Wei the router paid and received, and its open channels (pay's summary)."""
     summary = client.status(router.layout.socket("pay")).summary
@@ -172,8 +194,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 rows = status_rows(emulated)
                 if tty:
                     print("\033[2J\033[H", end="")
+                routes = route_rows(emulated)
                 print(f"[{time.strftime('%H:%M:%S')}] mesh {args.prefix!r} "
                       f"(Ctrl-C to stop)\n{table(STATUS_HEADERS, rows)}", flush=True)
+                if routes:
+                    print(table(ROUTE_HEADERS, routes), flush=True)
                 time.sleep(1.0)
     except KeyboardInterrupt:
         print()
@@ -187,6 +212,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     handled = sum(int(r[-1]) for r in rows)
     print(f"final state ({handled} events handled across the mesh):\n"
           f"{table(STATUS_HEADERS, rows)}")
+    routes = route_rows(emulated)
+    if routes:
+        print(table(ROUTE_HEADERS, routes))
     paid, received = payment_totals(emulated)
     print(f"payments: {paid} wei paid and {received} wei received across the mesh "
           f"({paid - received} wei in flight)")

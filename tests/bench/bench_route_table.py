@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     total = args.neighbors * args.prefixes
 
     started = time.perf_counter()
-    for n, packets in sent.items():
+    for packets in sent.values():
         for data in packets:
             decode(data)
     decoded = total / (time.perf_counter() - started)

@@ -36,6 +36,10 @@ def test_demo_brings_a_mesh_up_drives_traffic_and_tears_down(tmp_path: Path) -> 
     assert paid > 0, out
     final = out.split("final state")[1]
     assert final.count("SERVING") == 3
+    # Babel's routes, with metric and price: r1 reaches r3 through r2.
+    assert "routes: destination>next hop" in final
+    r1 = next(line for line in final.splitlines() if line.startswith("r1 ") and ">" in line)
+    assert "r3>r2(192," in r1
     assert "namespaces removed" in out
     assert not [n for n in netns.listnetns() if n.startswith(f"{prefix}-")]
     assert not (tmp_path / prefix).exists()

@@ -159,6 +159,10 @@ class Speaker:
             return
         self.stats.dropped.update(packet.dropped)
         key = f"{interface}/{source}"
+        # Any packet makes its sender a neighbor (as babeld does), so Updates
+        # that come before its first Hello is counted are kept, not lost until
+        # the next full dump.
+        self._neighbor(key, interface, source)
         for message in packet.messages:
             self._handle(key, interface, source, message, now)
 
@@ -182,7 +186,7 @@ class Speaker:
                     if neighbor is not None:
                         neighbor.on_ihu(rxcost, interval, now)
             case Update():
-                if key in self.neighbors and message.router_id != self.router_id:
+                if message.router_id != self.router_id:
                     self.stats.updates += 1
                     self.table.update(key, message, now, self.selected.get(message.prefix))
                     self.dirty.add(message.prefix)
