@@ -8,12 +8,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from deploy.emulator import mesh as mesh_mod
 from deploy.emulator.preflight import PreflightError
+from deploy.emulator.settlement import Ledger, ledger_from, reconcile
 from deploy.emulator.topology import TOPOLOGIES_DIR, Topology, TopologyError
-from deploy.emulator.traffic import NeighborTraffic
+from deploy.emulator.traffic import MeshTraffic
 
 from . import client
 from .tables import table
@@ -168,8 +170,10 @@ def _short(wei: int) -> str:
 STATUS_HEADERS = ["router", "health", "price", "links (balance, enforcement)",
                   "paid/received (wei)", "events"]
 # The demo's economy: a payment for every 100 kB owed, so they are seen flowing.
-DEMO_SECTIONS = {"meter": {"pay_threshold": 10**11}}
+DEMO_PAY_THRESHOLD = 10**11
+DEMO_SECTIONS = {"meter": {"pay_threshold": DEMO_PAY_THRESHOLD}}
 DEMO_NEIGHBOR_RATE = 50_000  # bytes/s each router sends each neighbor
+DEMO_FAR_RATE = 25_000  # bytes/s each router sends each router beyond its neighbors
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -178,23 +182,107 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(r[1] == "SERVING" for r in rows) else 1
 
 
+def _wait_stage(what: str, check: Callable[[], tuple[int, int]], timeout: float) -> bool:
+    """Poll check() -> (done, wanted) until done == wanted; progress once a
+    second while it moves, and the time it took."""
+    started = time.monotonic()
+    shown = None
+    while True:
+        done, wanted = check()
+        if done >= wanted:
+            _progress(f"{what}: {done} of {wanted} ({time.monotonic() - started:.1f}s)")
+            return True
+        if time.monotonic() - started > timeout:
+            _progress(f"{what}: only {done} of {wanted} after {timeout:.0f}s; going on")
+            return False
+        if done != shown:
+            _progress(f"{what}: {done} of {wanted}...")
+            shown = done
+        time.sleep(0.5)
+
+
+def _serving(router: mesh_mod.RouterNode, service: str) -> bool:
+    return service in router.services and \
+        client.health(router.layout.socket(service)) == "SERVING"
+
+
+def _links_up(emulated: mesh_mod.EmulatedMesh) -> tuple[int, int]:
+    wanted = sum(2 for link in emulated.topology.links
+                 if link.a in emulated.routers and link.b in emulated.routers)
+    done = 0
+    for router in emulated.routers.values():
+        if _serving(router, "link"):
+            done += sum(1 for row in client.link_rows(client.Node.open(router.layout.root)))
+    return done, wanted
+
+
+def _routes_converged(emulated: mesh_mod.EmulatedMesh) -> tuple[int, int]:
+    """Routes from each router to every other router's own address."""
+    addresses = {f"{emulated.fabric.nodes[name].ipv6}/128" for name in emulated.routers}
+    routing = [r for r in emulated.routers.values() if _serving(r, "route")]
+    done = 0
+    for router in routing:
+        node = client.Node.open(router.layout.root)
+        done += len(addresses & {row["prefix"] for row in client.route_rows(node)})
+    return done, len(routing) * (len(addresses) - 1)
+
+
+def _channels_open(emulated: mesh_mod.EmulatedMesh) -> tuple[int, int]:
+    """Every router's outgoing channel to each linked neighbor."""
+    paying = [r for r in emulated.routers.values() if _serving(r, "pay")]
+    links = _links_up(emulated)[0]
+    opened = sum(_payments(router)[2] for router in paying)
+    return opened // 2, links if paying else 0
+
+
+def meter_ledgers(emulated: mesh_mod.EmulatedMesh) -> dict[str, dict[str, Ledger]]:
+    from mesh.meter.v1 import meter_pb2
+
+    ledgers: dict[str, dict[str, Ledger]] = {}
+    for name, router in emulated.routers.items():
+        if _serving(router, "meter"):
+            state = meter_pb2.MeterState()
+            client.status(router.layout.socket("meter")).state.Unpack(state)
+            ledgers[name] = {n: ledger_from(lg) for n, lg in state.ledgers.items()}
+    return ledgers
+
+
+def _settled(emulated: mesh_mod.EmulatedMesh, timeout: float) -> dict[str, dict[str, Ledger]]:
+    """After the traffic: the ledgers once meters have counted the last bytes
+    and the payments in flight have arrived (two readings a second apart that
+    reconcile), or as they are at the timeout."""
+    deadline = time.monotonic() + timeout
+    agreed = 0
+    ledgers = meter_ledgers(emulated)
+    while time.monotonic() < deadline and agreed < 2:
+        time.sleep(1.0)
+        ledgers = meter_ledgers(emulated)
+        agreed = agreed + 1 if reconcile(ledgers, DEMO_PAY_THRESHOLD).ok else 0
+    return ledgers
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     emulated = _start(args)
+    _wait_stage("links up (each end)", lambda: _links_up(emulated), timeout=120)
+    _wait_stage("routes converged", lambda: _routes_converged(emulated), timeout=120)
+    _wait_stage("payment channels open", lambda: _channels_open(emulated), timeout=120)
     traffic = [_ping_forever(router, args.ping_rate) for router in emulated.routers.values()
                if "sharp" in router.services]
     _progress(f"traffic: {args.ping_rate:g} pings/s into sharp on {len(traffic)} routers")
     _progress(f"traffic: {args.neighbor_rate / 1000:g} kB/s from every router to each "
               "neighbor, through their tunnels (metered, billed, paid)")
+    _progress(f"traffic: {args.far_rate / 1000:g} kB/s from every router to each router "
+              "beyond its neighbors, routed by Babel through relays who earn their price")
     tty = sys.stdout.isatty()
     deadline = time.monotonic() + args.duration if args.duration else None
     try:
-        with NeighborTraffic(emulated, args.neighbor_rate) as neighbors:
+        with MeshTraffic(emulated, args.neighbor_rate, args.far_rate) as mesh_traffic:
             while deadline is None or time.monotonic() < deadline:
-                neighbors.refresh()
+                mesh_traffic.refresh()
                 rows = status_rows(emulated)
+                routes = route_rows(emulated)
                 if tty:
                     print("\033[2J\033[H", end="")
-                routes = route_rows(emulated)
                 print(f"[{time.strftime('%H:%M:%S')}] mesh {args.prefix!r} "
                       f"(Ctrl-C to stop)\n{table(STATUS_HEADERS, rows)}", flush=True)
                 if routes:
@@ -207,6 +295,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             process.terminate()
         for process in traffic:
             process.wait(timeout=30)
+    _progress("traffic stopped; waiting for the last bytes to be metered and paid")
+    ledgers = _settled(emulated, timeout=30)
     rows = status_rows(emulated)
     healthy = all(r[1] == "SERVING" for r in rows)
     handled = sum(int(r[-1]) for r in rows)
@@ -218,11 +308,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     paid, received = payment_totals(emulated)
     print(f"payments: {paid} wei paid and {received} wei received across the mesh "
           f"({paid - received} wei in flight)")
+    report = reconcile(ledgers, DEMO_PAY_THRESHOLD)
+    print("\n".join(report.lines()))
     if args.keep:
         print(f"left running: `meshctl emu down --prefix {args.prefix}` removes it")
     else:
         emulated.stop(_progress, keep_files=False)
-    return 0 if healthy and handled > 0 else 1
+    return 0 if healthy and handled > 0 and report.ok else 1
 
 
 def _ping_forever(router: mesh_mod.RouterNode, rate: float) -> subprocess.Popen[bytes]:
@@ -271,6 +363,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     demo.add_argument("--neighbor-rate", type=int, default=DEMO_NEIGHBOR_RATE,
                       help="bytes/s each router sends each neighbor through their tunnel "
                       f"(default {DEMO_NEIGHBOR_RATE})")
+    demo.add_argument("--far-rate", type=int, default=DEMO_FAR_RATE,
+                      help="bytes/s each router sends each router beyond its neighbors, "
+                      f"routed through relays (default {DEMO_FAR_RATE}; at most --neighbor-rate)")
     demo.add_argument("--ping-rate", type=float, default=20.0,
                       help="test pings per second into each router's sharp (default 20)")
     demo.set_defaults(func=cmd_demo)

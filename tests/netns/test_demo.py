@@ -40,6 +40,11 @@ def test_demo_brings_a_mesh_up_drives_traffic_and_tears_down(tmp_path: Path) -> 
     assert "routes: destination>next hop" in final
     r1 = next(line for line in final.splitlines() if line.startswith("r1 ") and ">" in line)
     assert "r3>r2(192," in r1
+    # Bytes, prices and payments reconciled across the mesh; r2 relayed r1's
+    # traffic to r3 and earned its margin.
+    assert "routes converged: 6 of 6" in out
+    assert "settlement: reconciled" in out, out
+    assert "r1->r2:" in out and "r2->r3:" in out
     assert "namespaces removed" in out
     assert not [n for n in netns.listnetns() if n.startswith(f"{prefix}-")]
     assert not (tmp_path / prefix).exists()
