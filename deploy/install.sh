@@ -27,6 +27,8 @@ debian_packages=(
     make
     libnftables-dev   # the dataplane shim links libnftables
     pkg-config
+    babeld            # interop tests: a stock Babel speaker beside ours
+    tshark            # interop tests: decode what we send (non-root capture stays off)
 )
 missing=()
 for pkg in "${debian_packages[@]}"; do
