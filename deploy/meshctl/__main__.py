@@ -4,6 +4,7 @@
     meshctl identity                  public keys and chain address
     meshctl neighbors                 neighbors heard, link state, tunnel, usage, debt
     meshctl price [N|auto]            the router's price per byte, or set it
+    meshctl payments                  per neighbor: owed, paid, received, proofs
     meshctl routes                    selected routes: next hop, metric, price
     meshctl route tradeoff [0..1000]  how much price weighs against quality
     meshctl route babel               Babel neighbors, link costs, malformed counters
@@ -201,6 +202,16 @@ def cmd_channels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_payments(args: argparse.Namespace) -> int:
+    node = resolve_node(args.node)
+    if "pay" not in node.services:
+        raise NodeError(f"node {node.config.node.id} runs no pay service")
+    headers = ["neighbor", "owed_wei", "paid_wei", "unpaid_wei", "proofs_sent", "acknowledged",
+               "received_wei", "proofs_received"]
+    print_rows(client.payment_rows(node), headers, args.json, "no payments yet")
+    return 0
+
+
 def cmd_price(args: argparse.Namespace) -> int:
     import grpc
     from mesh.meter.v1 import control_pb2, control_pb2_grpc, meter_pb2
@@ -311,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     channels = sub.add_parser("channels", help="payment channels: deposits, proofs, claims")
     channels.add_argument("--json", action="store_true", help="as JSON")
     channels.set_defaults(func=cmd_channels)
+
+    payments = sub.add_parser("payments", help="per neighbor: owed, paid, received, proofs")
+    payments.add_argument("--json", action="store_true", help="as JSON")
+    payments.set_defaults(func=cmd_payments)
 
     price = sub.add_parser("price", help="show or set the router's price per byte")
     price.add_argument("value", nargs="?", metavar="N|auto",

@@ -301,3 +301,30 @@ def set_tradeoff(node: Node, permille: int) -> int:
                 timeout=RPC_TIMEOUT).price_weight_permille
         except grpc.RpcError as err:
             raise NodeError(f"route refused: {err.details()}") from None
+
+
+def payment_rows(node: Node) -> list[dict[str, object]]:
+    """Per neighbor: what we should have paid it, what we paid (proofs sent and
+    acknowledged) and what it paid us, from pay's projection."""
+    from mesh.pay.v1 import pay_pb2
+
+    from services.common.money import amount
+
+    state = pay_pb2.PayState()
+    status(node.socket("pay")).state.Unpack(state)
+    rows = []
+    for name, neighbor in sorted(state.neighbors.items()):
+        outgoing = state.channels.get(neighbor.outgoing_channel)
+        incoming = state.channels.get(neighbor.incoming_channel)
+        target, paid = amount(neighbor.pay_target), amount(neighbor.paid)
+        rows.append({
+            "neighbor": name,
+            "owed_wei": target,
+            "paid_wei": paid,
+            "unpaid_wei": max(0, target - paid),
+            "proofs_sent": outgoing.nonce if outgoing else 0,
+            "acknowledged": outgoing.acknowledged_nonce if outgoing else 0,
+            "received_wei": amount(incoming.cumulative) if incoming else 0,
+            "proofs_received": incoming.nonce if incoming else 0,
+        })
+    return rows

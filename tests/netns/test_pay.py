@@ -35,10 +35,10 @@ from services.pay.wire import PROOF_PORT, Proof, encode_proof
 from tests.conftest import require_root, wait_for
 from tests.netns.test_links import (
     LINE3_PEERS,
-    all_linked,
     line3,
     ns_run,
     route_over_tunnels,
+    wait_all_linked,
     wait_for_traffic,
 )
 
@@ -134,7 +134,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedMesh]:
                             sections={"meter": METER, "pay": PAY})
     try:
         emulated.start()
-        wait_for("all links up", lambda: all_linked(emulated), timeout=60)
+        wait_all_linked(emulated)
         route_over_tunnels(emulated)
         wait_for_traffic(emulated)
         wait_for("a channel each way on every link", lambda: channels_open(emulated),
@@ -265,6 +265,14 @@ def test_payments_survive_kill_9_and_settle_exactly_the_last_proof(
                  timeout=90)
     with capsys.disabled():
         print(f"\n  {payments(mesh)} payments r1<->r2 in {elapsed:.0f}s with {KILLS} kill -9")
+    # What an operator sees (`meshctl payments`) is what the channels hold.
+    rows = {r["neighbor"]: r for r in client.payment_rows(
+        client.Node.open(mesh.routers["r2"].layout.root))}
+    to_r1 = channel(pay_state(mesh, "r2"), "r1", outgoing=True)
+    from_r1 = channel(pay_state(mesh, "r2"), "r1", outgoing=False)
+    assert rows["r1"]["paid_wei"] == amount(to_r1.cumulative)
+    assert rows["r1"]["received_wei"] == amount(from_r1.cumulative)
+    assert rows["r1"]["proofs_received"] == from_r1.nonce
 
     # r1 leaves for good: r2, the payee of r1's channel, claims the newest proof
     # it holds and closes; the chain pays exactly that.
