@@ -22,8 +22,9 @@ def free_port() -> int:
 
 
 def wait_for(what: str, check: Callable[[], object], timeout: float = 30.0,
-             interval: float = 0.05) -> object:
-    """Poll check() until it returns something truthy (run_and_expect); no bare sleeps."""
+             interval: float = 0.05, explain: Callable[[], str] | None = None) -> object:
+    """Poll check() until it returns something truthy (run_and_expect); no bare sleeps.
+    On a timeout, explain() (if given) tells what the system looked like then."""
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:
@@ -31,7 +32,13 @@ def wait_for(what: str, check: Callable[[], object], timeout: float = 30.0,
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+    message = f"timed out after {timeout}s waiting for {what} (last: {last!r})"
+    if explain is not None:
+        try:
+            message += "\n" + explain()
+        except Exception as err:  # the timeout is the news, not a broken explanation
+            message += f"\n(no explanation: {err!r})"
+    raise AssertionError(message)
 
 
 def require_root() -> None:

@@ -90,6 +90,46 @@ def all_linked(mesh: EmulatedMesh) -> bool:
     return True
 
 
+LOG_TAIL = 15
+
+
+def describe_links(mesh: EmulatedMesh) -> str:
+    """Why all_linked is false, router by router, for a timeout's message: the links
+    missing, what link's projection holds, the forwarding set if it differs from
+    the links up, each router's own key, and the tail of its link and discovery logs."""
+    lines = []
+    for router, peers in LINE3_PEERS.items():
+        layout = mesh.routers[router].layout
+        own = Identity.load_or_create(layout.data_dir / "keys").identity_key.hex()[:12]
+        try:
+            status = client.status(layout.socket("link"))
+            state = link_pb2.LinkState()
+            status.state.Unpack(state)
+            ups = {n: link.up for n, link in state.links.items()
+                   if link.status == link_pb2.LINK_STATUS_UP}
+            heard = {n: f"{seen.interface_name}/{seen.identity_key.hex()[:12]}"
+                     for n, seen in state.neighbors.items()}
+            lines.append(f"{router} (key {own}): missing {sorted(peers - set(ups)) or '-'}; "
+                         f"link {dict(status.summary)}; heard {heard}; "
+                         f"rejections {dict(state.rejections)}")
+            with Nft(mesh.fabric.netns(router)) as nft:
+                forwarding = ForwardingPolicy(nft).tunnels()
+            tunnels = {up.tunnel_interface for up in ups.values()}
+            if forwarding != tunnels:
+                lines.append(f"  forwarding set {sorted(forwarding)}, links up {sorted(tunnels)}")
+        except Exception as err:  # a dead service is part of the answer
+            lines.append(f"{router} (key {own}): link unreadable: {err!r}")
+        for service in ("link", "discovery"):
+            log = layout.log_dir / f"{service}.log"
+            tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL:] if log.exists() else []
+            lines += [f"  {service}.log| {line[:300]}" for line in tail or ["(none)"]]
+    return "\n".join(lines)
+
+
+def wait_all_linked(mesh: EmulatedMesh, what: str = "all links up") -> None:
+    wait_for(what, lambda: all_linked(mesh), timeout=60, explain=lambda: describe_links(mesh))
+
+
 def ns_run(mesh: EmulatedMesh, node: str, *argv: str) -> str:
     return mesh.fabric.run(node, list(argv)).stdout
 
@@ -126,7 +166,7 @@ def test_three_routers_link_up_and_forward_only_tunnel_traffic(
 ) -> None:
     started = time.monotonic()
     mesh = mesh_factory(line3())  # type: ignore[operator]
-    wait_for("all links up", lambda: all_linked(mesh), timeout=60)
+    wait_all_linked(mesh)
     elapsed = time.monotonic() - started
     with capsys.disabled():
         print(f"\n  3 routers in a line: start to all links up {elapsed:.1f}s")
@@ -188,7 +228,7 @@ def test_an_intruder_gets_no_tunnel_and_nothing_forwarded(
     mesh_factory: object, tmp_path: Path
 ) -> None:
     mesh = mesh_factory(line3(extra_host=True))  # type: ignore[operator]
-    wait_for("all links up", lambda: all_linked(mesh), timeout=60)
+    wait_all_linked(mesh)
     route_over_tunnels(mesh)
     ix, r2_link = mesh.fabric.netns("ix"), mesh.fabric.link_address("r2", "ix")
     pids = {s: service_pid(mesh.routers["r2"].layout, s) for s in SERVICES}
@@ -248,7 +288,7 @@ def test_cutting_a_veth_takes_the_link_down_and_back_up(
     mesh_factory: object, capsys: pytest.CaptureFixture[str]
 ) -> None:
     mesh = mesh_factory(line3())  # type: ignore[operator]
-    wait_for("all links up", lambda: all_linked(mesh), timeout=60)
+    wait_all_linked(mesh)
     cut = time.monotonic()
     ns_run(mesh, "r2", "ip", "link", "set", "v-r3", "down")
     wait_for("r2's link to r3 down", lambda: "r3" not in up_links(mesh, "r2"), timeout=30)
@@ -260,7 +300,7 @@ def test_cutting_a_veth_takes_the_link_down_and_back_up(
     wait_for("r3's side down too", lambda: "r2" not in up_links(mesh, "r3"), timeout=30)
     restored = time.monotonic()
     ns_run(mesh, "r2", "ip", "link", "set", "v-r3", "up")
-    wait_for("the link back up", lambda: all_linked(mesh), timeout=60)
+    wait_all_linked(mesh, "the link back up")
     up_after = time.monotonic() - restored
     with capsys.disabled():
         print(f"\n  veth cut: LinkDown after {down_after:.1f}s; restored: LinkUp after "
@@ -270,7 +310,7 @@ def test_cutting_a_veth_takes_the_link_down_and_back_up(
 
 def test_kill_9_of_link_keeps_traffic_and_reconciles(mesh_factory: object) -> None:
     mesh = mesh_factory(line3())  # type: ignore[operator]
-    wait_for("all links up", lambda: all_linked(mesh), timeout=60)
+    wait_all_linked(mesh)
     route_over_tunnels(mesh)
     wait_for_traffic(mesh)
     r1, r3 = mesh.fabric.netns("r1"), mesh.fabric.nodes["r3"].ipv6

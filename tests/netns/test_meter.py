@@ -26,9 +26,9 @@ from tests.conftest import require_root, wait_for
 from tests.netns.probes import ping6
 from tests.netns.test_links import (
     LINE3_PEERS,
-    all_linked,
     line3,
     route_over_tunnels,
+    wait_all_linked,
     wait_for_traffic,
 )
 
@@ -53,7 +53,7 @@ def metered_line(tmp_path: Path, **meter: object) -> Iterator[EmulatedMesh]:
                             sections={"meter": settings})
     try:
         emulated.start()
-        wait_for("all links up", lambda: all_linked(emulated), timeout=60)
+        wait_all_linked(emulated)
         wait_for("every meter to open a ledger per link", lambda: meters_ready(emulated),
                  timeout=30)
         route_over_tunnels(emulated)
