@@ -6,8 +6,11 @@ its WireGuard key, generated on first start and kept (0600) under
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,17 +94,9 @@ def _new_wireguard_key() -> bytes:
     return X25519PrivateKey.generate().private_bytes_raw()
 
 
-def _load_or_create(path: Path, make: object) -> bytes:
+def _load_or_create(path: Path, make: Callable[[], bytes]) -> bytes:
     if not path.exists():
-        secret: bytes = make()  # type: ignore[operator]
-        # Written to a temporary file first: a crash never leaves half a key.
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(base64.b64encode(secret).decode() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _create_once(path, make())
     if path.stat().st_mode & 0o077:
         raise IdentityError(f"{path}: readable by others; chmod 600 it")
     try:
@@ -111,3 +106,21 @@ def _load_or_create(path: Path, make: object) -> bytes:
     if len(secret) != 32:
         raise IdentityError(f"{path}: holds {len(secret)} bytes, a key has 32")
     return secret
+
+
+def _create_once(path: Path, secret: bytes) -> None:
+    """Write a new key at path unless another process already has: a router's
+    services start at once, each loads the keys, and all must end up with the
+    same one (else hellos name an identity the handshakes do not prove). Written
+    whole to a file of this process's own (a crash never leaves half a key),
+    then linked into place, which fails if the key exists: the first one wins."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(base64.b64encode(secret).decode() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
