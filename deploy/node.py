@@ -15,7 +15,9 @@ One directory holds a whole router:
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -80,6 +82,21 @@ class NodeLayout:
     def socket(self, service: str) -> Path:
         return self.run_dir / f"{service}.sock"
 
+    def releases(self, service: str) -> Path:
+        """Where `meshctl upgrade` unpacks the service's releases (deploy/upgrade.py)."""
+        return self.root / "releases" / service
+
+    def release_link(self, service: str) -> Path:
+        """The release the service runs, when it has been upgraded."""
+        return self.releases(service) / "current"
+
+
+def run_supervisorctl(layout: NodeLayout, *argv: str) -> subprocess.CompletedProcess[str]:
+    """The node's supervisorctl (the one installed beside this Python)."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "supervisorctl"), "-c", str(layout.supervisor_file),
+         *argv], capture_output=True, text=True, timeout=60)
+
 
 def _toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -90,6 +107,8 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list | tuple):  # [route] interfaces, originate
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return _toml_str(str(value))
 
 
@@ -197,9 +216,13 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 serverurl=unix://{layout.supervisor_socket}
 """
     body = _program("nats-server", f"{nats_server_binary()} -c {layout.nats_file}", layout, 10)
-    env = f"environment=PYTHONUNBUFFERED=\"1\",MESH_CONFIG=\"{layout.node_file}\"\n"
     for service in services:
-        command = f"{sys.executable} -m services.{service} --config {layout.node_file}"
+        # -P and PYTHONPATH: an upgraded service imports its release first
+        # (missing until the first upgrade, and then skipped), else the repo.
+        path = f"{layout.release_link(service)}{os.pathsep}{REPO}"
+        env = (f"environment=PYTHONUNBUFFERED=\"1\",MESH_CONFIG=\"{layout.node_file}\","
+               f"PYTHONPATH=\"{path}\"\n")
+        command = f"{sys.executable} -P -m services.{service} --config {layout.node_file}"
         body += _program(service, command, layout, 20, env)
     return head + body
 

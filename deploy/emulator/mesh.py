@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy.meshctl import client
-from deploy.node import NodeLayout, init_node
+from deploy.node import NodeLayout, init_node, run_supervisorctl
 from services.common.identity import Identity
 
 from .chain import MeshChain, stop_stale
@@ -78,17 +77,7 @@ def _quiet(_line: str) -> None:
 
 
 def supervisorctl(layout: NodeLayout, *argv: str, check: bool = False) -> str:
-    done = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "supervisorctl"),
-            "-c",
-            str(layout.supervisor_file),
-            *argv,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_supervisorctl(layout, *argv)
     if check and done.returncode != 0:
         raise MeshError(f"supervisorctl {' '.join(argv)}: {done.stdout}{done.stderr}".strip())
     return done.stdout

@@ -9,6 +9,7 @@
     meshctl route tradeoff [0..1000]  how much price weighs against quality
     meshctl route babel               Babel neighbors, link costs, malformed counters
     meshctl events [--follow]         the node's event log, decoded
+    meshctl upgrade SERVICE PACKAGE   a new release of one service, restarting only it
     meshctl inject ping --count N     test traffic for sharp (the chassis' probe)
     meshctl emu up|down|status|clean  the emulated mesh (network namespaces)
     meshctl demo                      bring up the emulated mesh and watch it
@@ -295,6 +296,23 @@ def cmd_route_babel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from deploy.upgrade import UpgradeError, upgrade
+
+    node = resolve_node(args.node)
+    if args.service not in node.services:
+        raise NodeError(f"node {node.config.node.id} runs no {args.service} service "
+                        f"(it runs {', '.join(node.services)})")
+    try:
+        done = upgrade(node.layout, args.service, Path(args.package), timeout=args.timeout)
+    except UpgradeError as err:
+        raise NodeError(f"upgrade of {args.service} failed: {err}") from None
+    print(f"{args.service} upgraded to {done.release} (was "
+          f"{done.previous or 'the installed code'}); SERVING {done.seconds:.1f}s after the "
+          "restart; no other service was restarted")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -348,6 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
     babel = route_sub.add_parser("babel", help="Babel neighbors, link costs, packet counters")
     babel.add_argument("--json", action="store_true", help="as JSON")
     babel.set_defaults(func=cmd_route_babel)
+
+    upgrade = sub.add_parser(
+        "upgrade", help="install a new release of one service and restart only it",
+        description="Install PACKAGE (a directory or .tar.gz holding a services/ tree, e.g. "
+        "`git archive HEAD services | gzip > r.tar.gz`) as SERVICE's code and restart only "
+        "that service under supervisord; rolled back if it does not answer SERVING.")
+    upgrade.add_argument("service", help="the service to upgrade, e.g. route")
+    upgrade.add_argument("package", help="directory or .tar.gz with services/")
+    upgrade.add_argument("--timeout", type=float, default=60.0,
+                         help="seconds to wait for SERVING before rolling back (default 60)")
+    upgrade.set_defaults(func=cmd_upgrade)
 
     events = sub.add_parser("events", help="print the node's event log")
     events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")

@@ -53,6 +53,8 @@ from .store import ProjectionStore, Snapshot
 from .telemetry import Telemetry, extract_context
 
 S = TypeVar("S", bound=Message)
+# The tree the services were imported from (a release after `meshctl upgrade`).
+CODE_PATH = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ class ServiceRuntime(Generic[S]):
             await self.inspect.set_serving(True)
             self.log.info(kv(
                 "service.ready", sequence=self.last_sequence, replayed=self.events_replayed,
-                socket=self.inspect.socket_path,
+                socket=self.inspect.socket_path, code=CODE_PATH,
             ))
             consume = asyncio.create_task(self._consume(), name="consume")
             tasks = [asyncio.create_task(t(self), name=t.__name__) for t in self.definition.tasks]
@@ -334,7 +336,7 @@ class ServiceRuntime(Generic[S]):
             events_handled=self.events_handled, events_rejected=self.events_rejected,
             events_published=self.events_published, snapshot_sequence=self.snapshot_sequence,
             uptime_seconds=time.monotonic() - self.started_at, state=packed, summary=summary,
-            events_replayed=self.events_replayed,
+            events_replayed=self.events_replayed, code_path=CODE_PATH,
         )
 
 
