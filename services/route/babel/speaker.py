@@ -171,8 +171,10 @@ class Speaker:
         if neighbor is None:
             rule = self.interfaces[interface].spec.rule
             neighbor = self.neighbors[key] = Neighbor(interface, source, rule)
-            # A new neighbor gets everything we know without waiting.
+            # A new neighbor gets a Hello (with its IHU) and everything we know
+            # without waiting: it counts our Hellos sooner, and so do we its.
             self.interfaces[interface].next_update = 0.0
+            self.interfaces[interface].next_hello = 0.0
         return neighbor
 
     def _handle(self, key: str, interface: str, source: str, message: Message,
