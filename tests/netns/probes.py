@@ -26,8 +26,11 @@ def echo_request(ident: int, seq: int) -> bytes:
     return struct.pack("!BBHHH", ECHO_REQUEST, 0, 0, ident, seq) + b"meshemu"
 
 
-def ping6(ns: str, dst: str, count: int, interval: float = 0.002, grace: float = 1.0) -> int:
-    """Send `count` echo requests from `ns`; return how many got a reply."""
+def ping6(ns: str, dst: str, count: int, interval: float = 0.002, grace: float = 1.0,
+          source: str | None = None) -> int:
+    """Send `count` echo requests from `ns` (from `source` if given: where the
+    kernel would pick a link's address no route leads back to); return how
+    many got a reply."""
     ident = os.getpid() & 0xFFFF
     want = ipaddress.ip_address(dst)
     replies: set[int] = set()
@@ -42,6 +45,8 @@ def ping6(ns: str, dst: str, count: int, interval: float = 0.002, grace: float =
                 replies.add(seq)
 
     with icmp6_socket(ns) as sock:
+        if source is not None:
+            sock.bind((source, 0))
         for seq in range(count):
             sock.sendto(echo_request(ident, seq), (dst, 0))
             receive(time.monotonic() + interval)

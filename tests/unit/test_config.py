@@ -8,6 +8,7 @@ import pytest
 
 from deploy.node import init_node
 from services.common.config import ConfigError, NodeSettings, describe, load
+from services.route.service import RouteSettings
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -26,6 +27,16 @@ def test_generated_node_file_loads_back(tmp_path: Path) -> None:
     assert cfg.node.netns == "mesh-r7"
     assert cfg.runtime.snapshot_every == 7
     assert cfg.runtime.ack_wait == 30.0  # untouched keys keep their defaults
+
+
+def test_service_sections_keep_lists(tmp_path: Path) -> None:
+    """A topology's per-node [route] interfaces reach the service as a list."""
+    layout = init_node(tmp_path / "n", "r7", services=("route",), nats_port=4999,
+                       sections={"route": {"tunnels": False, "interfaces": ["v-b1", "v-b2"]}})
+    cfg = load(layout.node_file, env={})
+    settings = cfg.section("route", RouteSettings)
+    assert settings.interfaces == ("v-b1", "v-b2")
+    assert settings.tunnels is False
 
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
