@@ -11,7 +11,9 @@ chains `delivered` and `originated` hook `input` and `output` for interfaces
 matching LOCAL_INTERFACES): a neighbor pays for what it sends us, whether we
 forward it or it is for us, and we pay for what we send through it, whether
 we forward it or it is ours. Each side of a tunnel thus counts the same bytes.
-A local packet's other interface is empty in its key.
+A local packet's other interface is empty in its key. Local packets to
+link-local and multicast addresses (the neighbors' Babel, proofs and
+handshakes) are not counted: see LINK_SCOPED.
 
 Everything lives in the kernel, in `table inet mesh_meter`, so a restart of
 any service loses no count. Each forwarded packet updates one element of a
@@ -156,6 +158,13 @@ def _label_key(version: int, address: str, length: int) -> str:
     return f'"{LABEL}" . "{LABEL}" . {address} . {length}'
 
 
+# Neighbors' own protocol traffic (Babel, balance proofs, handshakes) goes to
+# link-local and multicast addresses: it is the links' upkeep, not traffic
+# anyone pays for, and both ends would price it differently (no route says
+# what it costs).
+LINK_SCOPED = "ip6 daddr { fe80::/10, ff00::/8 } return"
+
+
 def _skeleton(fingerprint: str, local: str) -> str:
     sets = "".join(
         f"\tset u{version}_{k} {{\n\t\ttype ifname . ifname . {_addr_type(version)} . mark\n"
@@ -179,10 +188,12 @@ def _skeleton(fingerprint: str, local: str) -> str:
         "\t}\n"
         "\tchain delivered {\n"
         "\t\ttype filter hook input priority filter + 10; policy accept;\n"
+        f"\t\t{LINK_SCOPED}\n"
         f'\t\tiifname "{local}" {shard}\n'
         "\t}\n"
         "\tchain originated {\n"
         "\t\ttype filter hook output priority filter + 10; policy accept;\n"
+        f"\t\t{LINK_SCOPED}\n"
         f'\t\toifname "{local}" {shard}\n'
         "\t}\n"
         "}\n"

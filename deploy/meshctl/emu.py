@@ -293,15 +293,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                if "sharp" in router.services]
     _progress(f"traffic: {args.ping_rate:g} pings/s into sharp on {len(traffic)} routers")
     _progress(f"traffic: {args.neighbor_rate / 1000:g} kB/s from every router to each "
-              "neighbor, through their tunnels (metered, billed, paid)")
+              "neighbor, through their tunnel (metered, billed, paid)")
     _progress(f"traffic: {args.far_rate / 1000:g} kB/s from every router to each router "
               "beyond its neighbors, routed by Babel through relays who earn their price")
     tty = sys.stdout.isatty()
     deadline = time.monotonic() + args.duration if args.duration else None
     try:
-        with MeshTraffic(emulated, args.neighbor_rate, args.far_rate) as mesh_traffic:
+        with MeshTraffic(emulated, args.neighbor_rate, args.far_rate):
             while deadline is None or time.monotonic() < deadline:
-                mesh_traffic.refresh()
                 rows = status_rows(emulated)
                 routes = route_rows(emulated)
                 if tty:

@@ -30,7 +30,7 @@ def test_demo_brings_a_mesh_up_drives_traffic_and_tears_down(tmp_path: Path) -> 
     out = done.stdout
     assert "all 3 routers healthy" in out
     assert "traffic: 20 pings/s into sharp on 3 routers" in out
-    assert "through their tunnels (metered, billed, paid)" in out
+    assert "through their tunnel (metered, billed, paid)" in out
     assert "chain: anvil, channel contract at 0x" in out
     paid = int(out.split("payments: ")[1].split(" wei paid")[0])
     assert paid > 0, out

@@ -19,6 +19,7 @@ from pyroute2 import netns
 from dataplane.counters import Counters
 from dataplane.shim import Nft
 from deploy.emulator.mesh import EmulatedMesh, clean, service_pid
+from deploy.emulator.topology import Topology
 from deploy.meshctl import client
 from services.common.money import amount
 from services.meter.ledger import balance
@@ -31,6 +32,7 @@ from tests.netns.test_links import (
     wait_all_linked,
     wait_for_traffic,
 )
+from tests.netns.test_route import reaches
 
 pytestmark = [pytest.mark.netns, pytest.mark.emulator]
 
@@ -288,3 +290,64 @@ def test_a_neighbor_that_does_not_pay_is_throttled_then_cut_off(
              timeout=30)
     wait_for("r1's traffic forwarded again", lambda: ping6(r1, r3, count=3, grace=0.5) == 3,
              timeout=10)
+
+
+def test_babel_routes_price_the_bytes_along_the_path(tmp_path: Path) -> None:
+    """With route running, what r1 pays r2 for bytes to r3 is r2's price plus
+    r3's (r2's advertised path price), and what r2 pays r3 is r3's."""
+    require_root()
+    prefix = f"mr{os.getpid() % 10000}"
+    prices = {"r1": 1, "r2": R2_PRICE, "r3": 3}
+    topology = Topology.from_dict({
+        "name": "routed", "node": [{"name": n, "config": {"meter": {"price": p}}}
+                                   for n, p in prices.items()],
+        "link": [{"a": "r1", "b": "r2"}, {"a": "r2", "b": "r3"}]})
+    emulated = EmulatedMesh(topology, prefix=prefix, root=tmp_path,
+                            services=("discovery", "link", "meter", "route"),
+                            sections={"meter": {"sample_interval": 0.5},
+                                      "route": {"hello_interval": 1.0}})
+    try:
+        emulated.start()
+        r3 = f"{emulated.fabric.nodes['r3'].ipv6}/128"
+
+        def priced(router: str) -> int | None:
+            state = meter_pb2.MeterState()
+            client.status(emulated.routers[router].layout.socket("meter")).state.Unpack(state)
+            route = state.routes.get(r3)
+            return amount(route.tx_price) if route is not None else None
+
+        wait_for("r1's and r2's meters to price r3 by their routes",
+                 lambda: (priced("r1"), priced("r2")) == (R2_PRICE + 3, 3), timeout=90)
+        wait_for("r1 to reach r3 over Babel's routes", lambda: reaches(emulated, "r1", "r3"),
+                 timeout=30)
+        # The kernel counts per destination once meter's next sample has put
+        # the new route's prefix in its sets: bytes before that are `other`.
+        wait_for("r3's prefix counted on every hop", lambda: reaches(emulated, "r1", "r3") and all(
+            r3 in ledgers(emulated, router)[neighbor].counters
+            for router, neighbor in (("r1", "r2"), ("r2", "r1"), ("r2", "r3"))), timeout=30,
+            explain=lambda: str({(r, n): sorted(ledgers(emulated, r)[n].counters) for r, n in (
+                ("r1", "r2"), ("r2", "r1"), ("r2", "r3"))}))
+        sink = Receiver(emulated)
+        before = {r: ledgers(emulated, r) for r in ("r1", "r2")}
+        send(emulated, sink.address, 2000)
+        wait_for("the datagrams to arrive", lambda: sink.drain() >= 1900, timeout=30)
+        received = sink.drain() * IP_BYTES
+
+        def delta(router: str, neighbor: str, field: str) -> int:
+            now = ledgers(emulated, router)[neighbor].debt
+            then = before[router][neighbor].debt
+            return amount(getattr(now, field)) - amount(getattr(then, field))
+
+        wait_for("the meters to bill the datagrams", lambda: delta("r2", "r1", "usage_charged")
+                 >= received * (R2_PRICE + 3) and delta("r2", "r3", "usage_owed")
+                 >= received * 3, timeout=30)
+        # Within 2%: the routers' own Hellos on the tunnels count too.
+        for router, neighbor, field, price in (("r1", "r2", "usage_owed", R2_PRICE + 3),
+                                               ("r2", "r1", "usage_charged", R2_PRICE + 3),
+                                               ("r2", "r3", "usage_owed", 3)):
+            billed = delta(router, neighbor, field)
+            assert received * price <= billed <= 1.02 * 2000 * IP_BYTES * price, (
+                router, neighbor, billed)
+    finally:
+        emulated.stop()
+        clean(prefix, tmp_path)

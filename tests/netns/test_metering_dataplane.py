@@ -335,11 +335,12 @@ def test_own_traffic_with_a_neighbor_counts_on_its_tunnel_only(router: Router) -
         sink.bind(("::", SPEC.hello_port))
         counters = Counters(nft, local="v-b")  # v-b plays the tunnel
         counters.set_destinations(DESTINATIONS)
-        # Neighbor discovery first (a veth has it, a WireGuard tunnel does not).
+        # Neighbor discovery first (a veth has it, a WireGuard tunnel does not;
+        # like all link-scoped traffic it is not counted).
         send_udp(line.r, B6, count=1, size=10)
         send_udp(line.b, R_B6, count=1, size=10, port=SPEC.hello_port)
         wait_for("neighbor discovery done", lambda: counters.snapshot().total("v-b").rx_packets
-                 >= 2 and counters.snapshot().total("v-b").tx_packets >= 2)
+                 >= 1 and counters.snapshot().total("v-b").tx_packets >= 1)
         before = wait_for("no answer still in flight", lambda: settled(counters))
         send_udp(line.r, B6, count=10, size=100)  # r's own, out through v-b
         send_udp(line.b, R_B6, count=7, size=100, port=SPEC.hello_port)  # for r, over v-b

@@ -85,7 +85,8 @@ def test_skeleton_spreads_packets_over_the_shards() -> None:
     assert (f"\t\tjhash iifname . oifname mod {SHARDS} vmap {{ 0 : goto m0, 1 : goto m1, "
             in script)
     assert "type filter hook forward priority filter + 10; policy accept;" in script
-    # our own traffic counts on tunnels only
+    # our own traffic counts on tunnels only, the links' own upkeep not at all
+    assert script.count("\t\tip6 daddr { fe80::/10, ff00::/8 } return\n") == 2
     assert '\t\tiifname "mw*" jhash iifname . oifname' in script
     assert '\t\toifname "mw*" jhash iifname . oifname' in script
     assert counters.skeleton_fingerprint("v-*") != counters.skeleton_fingerprint()
