@@ -192,9 +192,24 @@ class RouteLoop:
             table_routes=sum(len(r) for r in speaker.table.routes.values()),
             sources=len(speaker.table.sources), price_weight_permille=speaker.price_weight)
 
+    def alternatives(self, selected: Selected) -> list[route_pb2.RouteChanged.Alternative]:
+        others = self.speaker.table.candidates(selected.prefix, self.speaker.costs(),
+                                               self.speaker.penalties, feasible_only=False)
+        found = []
+        for other in sorted(others, key=lambda o: o.neighbor):
+            if other.neighbor == selected.neighbor:
+                continue
+            interface, address = self.interface_of(other.neighbor)
+            found.append(route_pb2.RouteChanged.Alternative(
+                next_hop_id=self.neighbor_id(interface, address),
+                next_hop_address=str(other.next_hop or address), tunnel_interface=interface,
+                advertised_metric=other.advertised_metric, metric=other.metric))
+        return found
+
     def route_event(self, selected: Selected) -> route_pb2.RouteChanged:
         interface, address = self.interface_of(selected.neighbor)
         return route_pb2.RouteChanged(
+            alternatives=self.alternatives(selected),
             prefix=str(selected.prefix), next_hop_id=self.neighbor_id(interface, address),
             next_hop_address=str(selected.next_hop or address), tunnel_interface=interface,
             metric=selected.metric, advertised_metric=selected.advertised_metric,
@@ -334,8 +349,14 @@ def worth_telling(old: route_pb2.RouteChanged, new: route_pb2.RouteChanged) -> b
     same = (old.next_hop_id == new.next_hop_id and old.next_hop_address == new.next_hop_address
             and old.tunnel_interface == new.tunnel_interface
             and old.path_price == new.path_price and old.advertised_price == new.advertised_price
-            and old.penalty == new.penalty and old.router_id == new.router_id)
-    return not same or abs(old.metric - new.metric) >= METRIC_HYSTERESIS
+            and old.penalty == new.penalty and old.router_id == new.router_id
+            and [a.next_hop_id for a in old.alternatives]
+            == [a.next_hop_id for a in new.alternatives])
+    if not same:
+        return True
+    metrics = [(old.metric, new.metric)] + [
+        (a.metric, b.metric) for a, b in zip(old.alternatives, new.alternatives, strict=True)]
+    return any(abs(a - b) >= METRIC_HYSTERESIS for a, b in metrics)
 
 
 async def route_loop(rt: ServiceRuntime[route_pb2.RouteState]) -> None:

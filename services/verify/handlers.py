@@ -32,7 +32,8 @@ def on_route_changed(
     state.targets[route.prefix].CopyFrom(verify_pb2.VerifyState.Target(
         next_hop_id=route.next_hop_id, advertised_metric=route.advertised_metric,
         metric=route.metric, tunnel_interface=route.tunnel_interface,
-        next_hop_address=route.next_hop_address, changed_at=event.occurred_at))
+        next_hop_address=route.next_hop_address, changed_at=event.occurred_at,
+        alternatives=route.alternatives))
     return []
 
 

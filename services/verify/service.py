@@ -1,7 +1,8 @@
 """verify's definition, settings, and its loop: every window, probe the
-destinations in use (and a random sample of the others) through the
-neighbor each is routed through, judge the neighbor's claim, record a
-RouteVerified; pardon penalties that have run out.
+destinations in use (and a random sample of the others) through each
+neighbor that advertises a route to them (the one we route through and the
+others route told of), judge each neighbor's claim, record a RouteVerified
+per neighbor and destination; pardon penalties that have run out.
 
 Only IPv6 host routes are probed: a router's own address answers echo
 requests; a wider prefix has no address known to answer.
@@ -74,6 +75,25 @@ class VerifySettings:
                              base_seconds=self.penalty_seconds)
 
 
+@dataclass(frozen=True)
+class Via:
+    """One neighbor advertising a route to a target, and our metric through it."""
+
+    neighbor_id: str
+    tunnel: str
+    next_hop_address: str
+    metric: int
+    advertised_metric: int
+
+
+def vias(target: verify_pb2.VerifyState.Target) -> list[Via]:
+    """The neighbor we route through, then every other one advertising a route."""
+    return [Via(target.next_hop_id, target.tunnel_interface, target.next_hop_address,
+                target.metric, target.advertised_metric)] + [
+        Via(a.next_hop_id, a.tunnel_interface, a.next_hop_address, a.metric,
+            a.advertised_metric) for a in target.alternatives]
+
+
 def probeable(prefix: str) -> bool:
     network = ip_network(prefix)
     return isinstance(network, IPv6Network) and network.prefixlen == 128
@@ -114,42 +134,40 @@ class Verifier:
         chosen = self.choose()
         if not chosen:
             return
-        # Every next hop of ours, not only this window's: no churn of rules.
-        paths = {self.slot(t.next_hop_id): Path(t.tunnel_interface, t.next_hop_address)
-                 for t in self.rt.state.targets.values()}
+        # Every neighbor with a route of ours, not only this window's: no churn.
+        paths = {self.slot(via.neighbor_id): Path(via.tunnel, via.next_hop_address)
+                 for target in self.rt.state.targets.values() for via in vias(target)}
         failed = set(await self.netlink.run(self.steering.reconcile, paths))
-        targets = [Target(prefix, str(ip_network(prefix).network_address),
-                          mark_of(self.slot(t.next_hop_id)))
-                   for prefix, t, _ in chosen if self.slot(t.next_hop_id) not in failed]
+        plans = [(prefix, via, sampled) for prefix, target, sampled in chosen
+                 for via in vias(target) if self.slot(via.neighbor_id) not in failed]
+        targets = [Target(f"{prefix} {via.neighbor_id}", str(ip_network(prefix).network_address),
+                          mark_of(self.slot(via.neighbor_id))) for prefix, via, _ in plans]
         start = timestamp_pb2.Timestamp()
         start.GetCurrentTime()
         results = await prober.burst(targets, self.settings.probes, self.settings.probe_spacing,
                                      self.settings.reply_timeout)
         end = timestamp_pb2.Timestamp()
         end.GetCurrentTime()
-        for prefix, target, sampled in chosen:
-            probes = results.get(prefix)
-            if probes is None:
-                continue
-            await self.record(prefix, target, sampled, probes, start, end)
+        for prefix, via, sampled in plans:
+            await self.record(prefix, via, sampled, results[f"{prefix} {via.neighbor_id}"],
+                              start, end)
 
-    async def record(self, prefix: str, target: verify_pb2.VerifyState.Target, sampled: bool,
-                     probes: Probes, start: timestamp_pb2.Timestamp,
-                     end: timestamp_pb2.Timestamp) -> None:
-        judged = verdict(probes, target.metric, self.tolerance)
+    async def record(self, prefix: str, via: Via, sampled: bool, probes: Probes,
+                     start: timestamp_pb2.Timestamp, end: timestamp_pb2.Timestamp) -> None:
+        judged = verdict(probes, via.metric, self.tolerance)
         verified = verify_pb2.RouteVerified(
-            neighbor_id=target.next_hop_id, prefix=prefix,
-            advertised_metric=target.advertised_metric, route_metric=target.metric,
+            neighbor_id=via.neighbor_id, prefix=prefix,
+            advertised_metric=via.advertised_metric, route_metric=via.metric,
             measured_metric=min(measured_metric(probes), 0xFFFFFFFF), hops=probes.hops,
             probes_sent=probes.sent, probes_answered=probes.answered,
             rtt_median=duration_pb2.Duration(nanos=int(median(probes.rtts) * 1e9)),
             rtt_p90=duration_pb2.Duration(nanos=int(percentile(probes.rtts, 0.9) * 1e9)),
             verdict=judged, window_start=start, window_end=end, sampled=sampled)
         if judged != verify_pb2.VERDICT_HONEST:
-            log.info(kv("route.judged", neighbor=target.next_hop_id, prefix=prefix,
-                        verdict=verify_pb2.Verdict.Name(judged), metric=target.metric,
+            log.info(kv("route.judged", neighbor=via.neighbor_id, prefix=prefix,
+                        verdict=verify_pb2.Verdict.Name(judged), metric=via.metric,
                         measured=verified.measured_metric, answered=probes.answered))
-        await self.rt.publish(Outgoing("verified", target.next_hop_id, verified))
+        await self.rt.publish(Outgoing("verified", via.neighbor_id, verified))
 
     async def pardon_expired(self) -> None:
         now = time.time()

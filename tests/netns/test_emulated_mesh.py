@@ -109,7 +109,7 @@ def test_meshctl_against_a_running_mesh(prefix: str, tmp_path: Path) -> None:
         unknown = meshctl(prefix, tmp_path, "-n", "r9", "status")
         assert unknown.returncode == 2
         assert "no router of that name" in unknown.stderr
-        wrong = meshctl(prefix, tmp_path, "-n", "r1", "status", "route")
+        wrong = meshctl(prefix, tmp_path, "-n", "r1", "status", "exit")
         assert wrong.returncode == 2 and "not a service of node r1" in wrong.stderr
         usage = meshctl(prefix, tmp_path, "-n", "r1", "inject", "ping", "--count", "-1")
         assert usage.returncode == 2 and "--count and --rate must not be negative" in usage.stderr

@@ -8,6 +8,7 @@ from mesh.verify.v1 import verify_pb2
 
 from services.verify.handlers import make_handlers
 from services.verify.judge import PenaltyPolicy, Probes, Tolerance, measured_metric, verdict
+from services.verify.service import vias
 from tests.unit.events import event
 
 TOLERANCE = Tolerance()
@@ -77,6 +78,20 @@ def test_honest_windows_forgive_past_offenses() -> None:
     for _ in range(3):
         window(handlers, state, HONEST)
     assert state.neighbors["liar"].offenses == 1
+
+
+def test_every_neighbor_advertising_a_route_is_probed() -> None:
+    handlers = make_handlers(POLICY)
+    state = verify_pb2.VerifyState()
+    handlers[route_pb2.RouteChanged](state, event(route_pb2.RouteChanged(
+        prefix="2001:db8::1/128", next_hop_id="a", tunnel_interface="mwa", metric=192,
+        advertised_metric=96, change=route_pb2.ROUTE_CHANGE_SELECTED,
+        alternatives=[route_pb2.RouteChanged.Alternative(
+            next_hop_id="b", tunnel_interface="mwb", next_hop_address="fe80::b", metric=384,
+            advertised_metric=288)])))
+    through = vias(state.targets["2001:db8::1/128"])
+    assert [(v.neighbor_id, v.tunnel, v.metric) for v in through] == [("a", "mwa", 192),
+                                                                    ("b", "mwb", 384)]
 
 
 def test_only_routes_are_targets_and_retractions_remove_them() -> None:
