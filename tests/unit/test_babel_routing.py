@@ -61,6 +61,20 @@ def test_etx_grows_with_loss() -> None:
     assert lossy.cost() == 512
 
 
+def test_a_late_hello_undoes_the_misses_the_clock_counted() -> None:
+    # babeld jitters its Hellos: after a silence the clock may have counted
+    # Hellos missed that were never sent. The next one comes "from the past".
+    neighbor = Neighbor("eth0", "fe80::1")
+    neighbor.on_ihu(NOMINAL_COST, 10_000, now=0.0)
+    hellos(neighbor, [1, 2, 3])
+    neighbor.tick(now=9.0)  # silence: the clock expects seqno 10 by now
+    assert neighbor.expected == 10 and neighbor.rxcost() == INFINITY
+    neighbor.on_hello(8, 100, now=9.1)  # babeld sent only 4..8, of which 8 arrives
+    neighbor.on_hello(9, 100, now=10.0)
+    assert neighbor.expected == 10
+    assert neighbor.cost() == NOMINAL_COST  # up again two Hellos after the silence
+
+
 def test_a_neighbor_whose_seqnos_jump_has_restarted() -> None:
     neighbor = Neighbor("eth0", "fe80::1")
     hellos(neighbor, [100, 101, 102])

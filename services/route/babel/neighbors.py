@@ -46,13 +46,17 @@ class Neighbor:
 
     def on_hello(self, seqno: int, interval_cs: int, now: float) -> None:
         self.hellos_received += 1
-        if self.expected is None or abs(seqno_distance(seqno, self.expected)) > SEQNO_JUMP:
+        gap = None if self.expected is None else seqno_distance(seqno, self.expected)
+        if gap is None or abs(gap) > SEQNO_JUMP:
             self.history = 0
-        elif seqno_after(self.expected, seqno):
-            return  # an old one, reordered: already counted as missed
+        elif gap < 0:
+            # Late, not lost: the clock counted Hellos missed that the
+            # neighbor's jittered timer (babeld's: 0.75-1.25 intervals) had
+            # not sent yet. Undo them (RFC 8966 A.1); ignoring this Hello
+            # instead kept a link down after a silence until the seqnos met.
+            self.history >>= -gap
         else:
-            missed = seqno_distance(seqno, self.expected)
-            self.history = (self.history << missed) & ((1 << HISTORY) - 1)
+            self.history = (self.history << gap) & ((1 << HISTORY) - 1)
         self.history = ((self.history << 1) | 1) & ((1 << HISTORY) - 1)
         self.expected = (seqno + 1) & 0xFFFF
         self.hello_interval = interval_cs / 100
