@@ -352,7 +352,7 @@ BAD_TOPOLOGIES = [
      "topology: unknown key 'nodes' (allowed: link, name, node)"),
     ("unknown node key",
      topo_dict(node=[{"name": "r1", "rol": "exit"}]),
-     "topology: node #1 (r1): unknown key 'rol' (allowed: name, role, services)"),
+     "topology: node #1 (r1): unknown key 'rol' (allowed: config, name, role, services)"),
     ("unknown link keys",
      one_link(los=5, jitter=1),
      "topology: link #1 (r1-r2): unknown keys 'jitter', 'los' (allowed: a, b, loss, rate)"),
