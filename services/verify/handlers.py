@@ -64,6 +64,8 @@ def make_handlers(policy: PenaltyPolicy) -> Mapping[type[Message], Handler[Any]]
                 record.honest_streak = 0
         else:
             record.honest_streak = 0
+        if verified.verdict == verify_pb2.VERDICT_OVERCLAIMED:
+            record.last_overclaim.CopyFrom(verified)
         if record.HasField("penalty"):
             return []
         overclaims = [v for v in record.recent if v == verify_pb2.VERDICT_OVERCLAIMED]

@@ -58,7 +58,7 @@ class Prober:
     async def burst(self, targets: list[Target], count: int, spacing: float,
                     timeout: float, max_hops: int = 12) -> dict[str, Probes]:
         """`count` probes to each target, interleaved, `spacing` seconds apart,
-        then one with each hop limit 1..max_hops (the fewest answered counts
+        then two with each hop limit 1..max_hops (the fewest answered counts
         the links there); replies are awaited `timeout` seconds after the last."""
         loop = asyncio.get_running_loop()
         ident = random.randrange(0x10000)
@@ -87,7 +87,8 @@ class Prober:
         loop.add_reader(self.sock.fileno(), readable)
         try:
             seq = 0
-            rounds = [None] * count + list(range(1, max_hops + 1))
+            # Each hop limit twice: one lost probe would add a link to the count.
+            rounds = [None] * count + [h for h in range(1, max_hops + 1) for _ in range(2)]
             for hop_limit in rounds:
                 for target in targets:
                     seq = (seq + 1) & 0xFFFF

@@ -338,13 +338,16 @@ def test_babel_routes_price_the_bytes_along_the_path(tmp_path: Path) -> None:
             then = before[router][neighbor].debt
             return amount(getattr(now, field)) - amount(getattr(then, field))
 
-        wait_for("the meters to bill the datagrams", lambda: delta("r2", "r1", "usage_charged")
-                 >= received * (R2_PRICE + 3) and delta("r2", "r3", "usage_owed")
-                 >= received * 3, timeout=30)
+        bills = (("r1", "r2", "usage_owed", R2_PRICE + 3),
+                 ("r2", "r1", "usage_charged", R2_PRICE + 3),
+                 ("r2", "r3", "usage_owed", 3))
+        # Each meter bills on its own next sample: wait for all three.
+        wait_for("the meters to bill the datagrams", lambda: all(
+            delta(router, neighbor, field) >= received * price
+            for router, neighbor, field, price in bills), timeout=30,
+            explain=lambda: str({(r, n): delta(r, n, f) for r, n, f, _ in bills}))
         # Within 2%: the routers' own Hellos on the tunnels count too.
-        for router, neighbor, field, price in (("r1", "r2", "usage_owed", R2_PRICE + 3),
-                                               ("r2", "r1", "usage_charged", R2_PRICE + 3),
-                                               ("r2", "r3", "usage_owed", 3)):
+        for router, neighbor, field, price in bills:
             billed = delta(router, neighbor, field)
             assert received * price <= billed <= 1.02 * 2000 * IP_BYTES * price, (
                 router, neighbor, billed)

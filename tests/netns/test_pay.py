@@ -266,13 +266,20 @@ def test_payments_survive_kill_9_and_settle_exactly_the_last_proof(
     with capsys.disabled():
         print(f"\n  {payments(mesh)} payments r1<->r2 in {elapsed:.0f}s with {KILLS} kill -9")
     # What an operator sees (`meshctl payments`) is what the channels hold.
-    rows = {r["neighbor"]: r for r in client.payment_rows(
-        client.Node.open(mesh.routers["r2"].layout.root))}
-    to_r1 = channel(pay_state(mesh, "r2"), "r1", outgoing=True)
-    from_r1 = channel(pay_state(mesh, "r2"), "r1", outgoing=False)
-    assert rows["r1"]["paid_wei"] == amount(to_r1.cumulative)
-    assert rows["r1"]["received_wei"] == amount(from_r1.cumulative)
-    assert rows["r1"]["proofs_received"] == from_r1.nonce
+    # Payments go on (Babel's Hellos are metered traffic too), so the row and
+    # the channels are compared as read between two payments.
+    def operator_sees_the_channels() -> bool:
+        rows = {r["neighbor"]: r for r in client.payment_rows(
+            client.Node.open(mesh.routers["r2"].layout.root))}
+        state = pay_state(mesh, "r2")
+        to_r1 = channel(state, "r1", outgoing=True)
+        from_r1 = channel(state, "r1", outgoing=False)
+        return (rows["r1"]["paid_wei"], rows["r1"]["received_wei"],
+                rows["r1"]["proofs_received"]) == (
+            amount(to_r1.cumulative), amount(from_r1.cumulative), from_r1.nonce)
+
+    wait_for("meshctl payments to show what r2's channels with r1 hold",
+             operator_sees_the_channels, timeout=30)
 
     # r1 leaves for good: r2, the payee of r1's channel, claims the newest proof
     # it holds and closes; the chain pays exactly that.

@@ -71,7 +71,8 @@ def test_a_neighbor_that_overclaims_is_penalized_and_routed_around(
         assert record.penalty.mode == verify_pb2.PENALTY_MODE_EXCLUDE
         # r1 had believed r2: its routes through it were probed and found wanting.
         assert record.verdicts["VERDICT_OVERCLAIMED"] >= 2
-        assert record.last.measured_metric > record.last.route_metric
+        evidence = record.last_overclaim
+        assert evidence.measured_metric > evidence.route_metric
         wait_for("r1 to route around r2", lambda: via(mesh, "r1", "r6") == "r4", timeout=30)
         around = time.monotonic() - healthy
         wait_for("traffic around the liar", lambda: reaches(mesh, "r1", "r6"), timeout=20)

@@ -58,6 +58,9 @@ def test_two_overclaims_in_the_window_bring_a_penalty_that_doubles() -> None:
     assert window(handlers, state, OVER) == []
     assert window(handlers, state, HONEST) == []
     [decided] = window(handlers, state, OVER, at=1000)
+    window(handlers, state, HONEST)
+    # The evidence outlives the honest windows after it.
+    assert state.neighbors["liar"].last_overclaim.verdict == OVER
     penalty = decided.payload
     assert (decided.kind, penalty.neighbor_id) == ("penalized", "liar")
     assert penalty.mode == verify_pb2.PENALTY_MODE_EXCLUDE
