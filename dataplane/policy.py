@@ -1,6 +1,8 @@
 """A router's forwarding policy, kept in the kernel as `table inet mesh`.
 
-Only packets that arrived on an authenticated tunnel are forwarded; on a raw
+Only packets that arrived on an authenticated tunnel are forwarded (besides an
+exit's clients to the internet, and the replies the internet sends to flows
+NATed out of an uplink); on a raw
 physical interface the router accepts only neighbour discovery and MLD, the
 discovery hello, the link handshake and WireGuard's own UDP. Refused packets
 are counted in the named counters `forward_refused` and `input_refused`.
@@ -20,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dataplane.shim import Nft
+from services.common.interfaces import EXIT_TUNNEL_PREFIX
 
 FAMILY, NAME = "inet", "mesh"
 TABLE = f"{FAMILY} {NAME}"
@@ -70,10 +73,13 @@ class PolicySpec:
     handshake_port: int  # link handshakes (UDP)
     wg_port_min: int  # WireGuard listen ports (UDP), inclusive range
     wg_port_max: int
+    # Interfaces to the internet (gateways, exits): only replies come in there.
+    uplinks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Accept any iterable of names, keep a canonical tuple (same spec, same script).
         object.__setattr__(self, "physical", tuple(check_ifnames(self.physical)))
+        object.__setattr__(self, "uplinks", tuple(check_ifnames(self.uplinks)))
         for field in ("hello_port", "handshake_port", "wg_port_min", "wg_port_max"):
             _check_port(field, getattr(self, field))
         if self.wg_port_min > self.wg_port_max:
@@ -105,6 +111,10 @@ def _definition(spec: PolicySpec, tunnels: list[str], fingerprint: str) -> str:
         "\t\ttype ifname\n"
         f"{_elements(list(spec.physical))}"
         "\t}\n"
+        "\tset uplinks {\n"
+        "\t\ttype ifname\n"
+        f"{_elements(list(spec.uplinks))}"
+        "\t}\n"
         "\tcounter forward_refused {\n\t}\n"
         "\tcounter input_refused {\n\t}\n"
         # No conntrack shortcut: an "established" packet on a physical link
@@ -112,6 +122,10 @@ def _definition(spec: PolicySpec, tunnels: list[str], fingerprint: str) -> str:
         "\tchain forward {\n"
         "\t\ttype filter hook forward priority filter; policy drop;\n"
         "\t\tiifname @tunnels accept\n"
+        # An exit forwards its registered clients (WireGuard-authenticated) to
+        # the internet, and the internet's replies to NATed flows come back.
+        f'\t\tiifname "{EXIT_TUNNEL_PREFIX}*" oifname @uplinks accept comment "exit clients"\n'
+        '\t\tiifname @uplinks ct state established,related accept comment "replies"\n'
         '\t\tcounter name "forward_refused" drop\n'
         "\t}\n"
         "\tchain physical_in {\n"

@@ -29,6 +29,7 @@ debian_packages=(
     pkg-config
     babeld            # interop tests: a stock Babel speaker beside ours
     tshark            # interop tests: decode what we send (non-root capture stays off)
+    curl              # exit tests: downloads from the emulated internet
 )
 missing=()
 for pkg in "${debian_packages[@]}"; do

@@ -136,6 +136,7 @@ def render_sections(sections: Mapping[str, Mapping[str, object]]) -> str:
 def render_node_toml(
     node_id: str, layout: NodeLayout, nats_port: int, services: Sequence[str], netns: str,
     log_level: str, runtime: Mapping[str, object], interfaces: Sequence[str] = (),
+    uplinks: Sequence[str] = (),
 ) -> str:
     listed = ", ".join(_toml_str(s) for s in services)
     return f"""\
@@ -149,6 +150,7 @@ nats_port = {nats_port}
 log_level = {_toml_str(log_level)}
 netns = {_toml_str(netns)}
 interfaces = [{", ".join(_toml_str(i) for i in interfaces)}]
+uplinks = [{", ".join(_toml_str(i) for i in uplinks)}]
 services = [{listed}]
 
 [telemetry]
@@ -237,6 +239,7 @@ def init_node(
     log_level: str = "info",
     runtime: Mapping[str, object] | None = None,
     interfaces: Sequence[str] = (),
+    uplinks: Sequence[str] = (),
     sections: Mapping[str, Mapping[str, object]] | None = None,
 ) -> NodeLayout:
     """Write a node's files into root (creating its directories); return the layout.
@@ -246,7 +249,8 @@ def init_node(
         directory.mkdir(parents=True, exist_ok=True)
     layout.node_file.write_text(
         render_node_toml(
-            node_id, layout, nats_port, services, netns, log_level, runtime or {}, interfaces
+            node_id, layout, nats_port, services, netns, log_level, runtime or {}, interfaces,
+            uplinks,
         ) + render_sections(sections or {})
     )
     layout.nats_file.write_text(render_nats_conf(node_id, layout, nats_port))

@@ -233,6 +233,8 @@ class Fabric:
             # Recorded before building, so a crash halfway still leaves a full record.
             self._write_state(topology.name)
             self._build()
+            self._route_internet({n.name for n in topology.nodes if n.role == "internet"},
+                                 {n.name for n in topology.nodes if n.role == "exit"})
         except BaseException:
             self.destroy()
             raise
@@ -306,6 +308,27 @@ class Fabric:
             for node in self._nodes.values():
                 self._add_loss(node.name)
             self._wait_links_ready(ipr)
+
+    def uplinks(self, node: str, internet: set[str]) -> list[LinkInfo]:
+        """node's links to internet nodes."""
+        return [link for link in self._links if (link.a, link.b) in (
+            *((node, i) for i in internet), *((i, node) for i in internet))]
+
+    def _route_internet(self, internet: set[str], exits: set[str]) -> None:
+        """Static routes as an ISP would have them: a node with an uplink sends
+        what the mesh does not route to the internet (its default route), and
+        the internet reaches an exit's own address through the exit's uplink."""
+        for node in self._nodes:
+            if node in internet:
+                continue
+            for link in self.uplinks(node, internet)[:1]:
+                there = link.b_ipv6 if link.a == node else link.a_ipv6
+                self.run(node, ["ip", "-6", "route", "replace", "default", "via", there])
+                if node in exits:
+                    here = link.a_ipv6 if link.a == node else link.b_ipv6
+                    host = link.b if link.a == node else link.a
+                    self.run(host, ["ip", "-6", "route", "replace",
+                                    f"{self._nodes[node].ipv6}/128", "via", here])
 
     def _wait_links_ready(self, ipr: Mapping[str, IPRoute]) -> None:
         # The kernel's linkwatch batches carrier changes and may hold one back

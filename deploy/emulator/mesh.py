@@ -143,11 +143,17 @@ class EmulatedMesh:
         self.chain: MeshChain | None = None
         for spec in topology.nodes:
             if spec.role in ROUTER_ROLES:
+                chosen = tuple(spec.services if spec.services is not None else services)
+                # Gateways, exits and routers told to use exits run exit where
+                # routes are made (exits are reached by route).
+                if "route" in chosen and "exit" not in chosen and (
+                        spec.role in ("gateway", "exit") or "exit" in spec.config):
+                    chosen += ("exit",)
                 self.routers[spec.name] = RouterNode(
                     name=spec.name,
                     namespace=f"{prefix}-{spec.name}",
                     layout=NodeLayout(self.workdir / spec.name),
-                    services=tuple(spec.services if spec.services is not None else services),
+                    services=chosen,
                     config=spec.config,
                 )
 
@@ -176,18 +182,25 @@ class EmulatedMesh:
             sections["pay"] = {"chain_url": self.chain.url,
                                "contract": self.chain.contract, **sections.get("pay", {})}
             progress(f"chain: anvil, channel contract at {self.chain.contract}")
+        internet = {n.name for n in self.topology.nodes if n.role == "internet"}
         for router in self.routers.values():
             facing = [link.a_ifname for link in self.fabric.links if link.a == router.name]
             facing += [link.b_ifname for link in self.fabric.links if link.b == router.name]
+            uplinks = [link.a_ifname if link.a == router.name else link.b_ifname
+                       for link in self.fabric.uplinks(router.name, internet)]
+            own = {name: {**sections.get(name, {}), **router.config.get(name, {})}
+                   for name in set(sections) | set(router.config)}
+            if "exit" in router.services:
+                own["exit"] = self.exit_section(router.name, own.get("exit", {}))
             init_node(
                 router.layout.root,
                 router.name,
                 services=router.services,
                 netns=router.namespace,
                 log_level=self.log_level,
-                interfaces=sorted(facing),
-                sections={name: {**sections.get(name, {}), **router.config.get(name, {})}
-                          for name in set(sections) | set(router.config)},
+                interfaces=sorted(set(facing) - set(uplinks)),
+                uplinks=uplinks,
+                sections=own,
             )
             if self.chain is not None:
                 keys = Identity.load_or_create(router.layout.data_dir / "keys")
@@ -203,6 +216,25 @@ class EmulatedMesh:
         progress(f"supervisord started on {len(self.routers)} routers")
         self.wait_healthy(progress, timeout)
         progress(f"all {len(self.routers)} routers healthy ({time.monotonic() - started:.1f}s)")
+
+    def exit_address(self, name: str) -> str:
+        """How routers name an exit in [exit]: NAME=[ADDRESS] (the default port)."""
+        return f"{name}=[{self.fabric.nodes[name].ipv6}]"
+
+    def exit_section(self, router: str, given: Mapping[str, object]) -> dict[str, object]:
+        """[exit] by role: an exit serves, a gateway announces every exit;
+        a client's `exits` may name exits of the topology by node name."""
+        section = dict(given)
+        role = next(n.role for n in self.topology.nodes if n.name == router)
+        exits = [n.name for n in self.topology.nodes if n.role == "exit"]
+        if role == "exit":
+            section.setdefault("serve", True)
+        if role == "gateway":
+            section.setdefault("gateway_exits", [self.exit_address(e) for e in exits])
+        listed = section.get("exits", [])
+        if isinstance(listed, list):
+            section["exits"] = [self.exit_address(e) if e in exits else e for e in listed]
+        return section
 
     def check_services(self) -> None:
         repo = Path(__file__).resolve().parents[2]

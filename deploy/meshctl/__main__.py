@@ -8,6 +8,7 @@
     meshctl routes                    selected routes: next hop, metric, price
     meshctl route tradeoff [0..1000]  how much price weighs against quality
     meshctl route babel               Babel neighbors, link costs, malformed counters
+    meshctl exits                     exits in use (client), clients (exit), exits announced
     meshctl events [--follow]         the node's event log, decoded
     meshctl upgrade SERVICE PACKAGE   a new release of one service, restarting only it
     meshctl inject ping --count N     test traffic for sharp (the chassis' probe)
@@ -262,6 +263,16 @@ def cmd_routes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_exits(args: argparse.Namespace) -> int:
+    node = resolve_node(args.node)
+    if "exit" not in node.services:
+        raise NodeError(f"node {node.config.node.id} runs no exit service")
+    headers = ["role", "peer", "state", "addresses", "metric", "price_up", "price_down"]
+    print_rows(client.exit_rows(node), headers, args.json,
+               "no exits, clients or announced exits yet")
+    return 0
+
+
 def cmd_route_tradeoff(args: argparse.Namespace) -> int:
     node = route_node(args.node)
     if args.permille is None:
@@ -354,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     routes = sub.add_parser("routes", help="the selected route to each prefix, metric and price")
     routes.add_argument("--json", action="store_true", help="as JSON")
     routes.set_defaults(func=cmd_routes)
+
+    exits = sub.add_parser(
+        "exits", help="exits: the one a client uses, an exit's clients, a gateway's exits")
+    exits.add_argument("--json", action="store_true", help="as JSON")
+    exits.set_defaults(func=cmd_exits)
 
     route = sub.add_parser("route", help="Babel: the quality/price knob, neighbors, counters")
     route_sub = route.add_subparsers(dest="what", required=True)

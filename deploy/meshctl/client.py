@@ -282,6 +282,43 @@ def route_rows(node: Node) -> list[dict[str, object]]:
     } for prefix, route in sorted(state.routes.items())]
 
 
+def exit_rows(node: Node) -> list[dict[str, object]]:
+    """exit's view, a row per peer whatever the role: a client's exits (the
+    one in use marked), an exit's clients, a gateway's exits."""
+    from mesh.exit.v1 import exit_pb2
+
+    from services.common.money import amount
+
+    state = exit_pb2.ExitState()
+    status(node.socket("exit")).state.Unpack(state)
+    rows: list[dict[str, object]] = []
+    for exit_id, known in sorted(state.exits.items()):
+        registration = known.registration
+        rows.append({
+            "role": "client", "peer": exit_id,
+            "state": ("in use" if exit_id == state.selected_exit_id else "standby")
+            + (", tunnel up" if known.tunnel_up else ""),
+            "addresses": ",".join(registration.client_addresses) or "-",
+            "metric": known.route.metric if known.HasField("route") else "-",
+            "price_up": amount(registration.price_up),
+            "price_down": amount(registration.price_down),
+        })
+    for client_id, admitted in sorted(state.clients.items()):
+        registration = admitted.registration
+        rows.append({
+            "role": "exit", "peer": client_id,
+            "state": "tunnel up" if admitted.tunnel_up else "registered",
+            "addresses": ",".join(registration.client_addresses), "metric": "-",
+            "price_up": amount(registration.price_up),
+            "price_down": amount(registration.price_down),
+        })
+    for exit_id, up in sorted(state.gateway_tunnels.items()):
+        rows.append({"role": "gateway", "peer": exit_id, "state": "announced",
+                     "addresses": ",".join(up.announced_prefixes), "metric": "-",
+                     "price_up": "-", "price_down": "-"})
+    return rows
+
+
 def babel_status(node: Node) -> Message:
     """route's Babel speaker: neighbors with link costs, packet counters."""
     from mesh.route.v1 import control_pb2, control_pb2_grpc

@@ -46,6 +46,11 @@ class NodeSettings:
         metadata={"help": "physical interfaces facing neighbors (empty: every interface "
                   "with an IPv6 link-local address but lo and the tunnels)"},
     )
+    uplinks: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "interfaces to the internet (a gateway's or an exit's): not mesh "
+                  "links; traffic leaves them NATed and only replies come back in"},
+    )
     services: tuple[str, ...] = field(
         default=("sharp",), metadata={"help": "services supervisord runs on this node"}
     )

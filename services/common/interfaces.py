@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TUNNEL_PREFIX = "mw"
+# Tunnels between clients and exits (services/exit): not links to neighbors.
+EXIT_TUNNEL_PREFIX = "mx"
 IF_INET6 = Path("/proc/net/if_inet6")
 
 
@@ -29,15 +31,18 @@ def _with_link_local() -> set[str]:
     return names
 
 
-def physical_interfaces(configured: tuple[str, ...]) -> list[Interface]:
+def physical_interfaces(
+    configured: tuple[str, ...], uplinks: tuple[str, ...] = ()
+) -> list[Interface]:
     """The configured interfaces, or every one with an IPv6 link-local address
-    except loopback and tunnels; missing configured ones are skipped."""
+    except loopback, tunnels and uplinks; missing configured ones are skipped."""
     links = {name: index for index, name in socket.if_nameindex()}
     if configured:
-        return [Interface(n, links[n]) for n in configured if n in links]
+        return [Interface(n, links[n]) for n in configured if n in links and n not in uplinks]
     return sorted(
         (Interface(name, links[name]) for name in _with_link_local() & set(links)
-         if name != "lo" and not name.startswith(TUNNEL_PREFIX)),
+         if name != "lo" and name not in uplinks
+         and not name.startswith((TUNNEL_PREFIX, EXIT_TUNNEL_PREFIX))),
         key=lambda i: i.name,
     )
 

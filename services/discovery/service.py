@@ -64,7 +64,8 @@ class HelloLoop:
 
     def refresh_interfaces(self) -> None:
         loop = asyncio.get_running_loop()
-        wanted = {i.name: i for i in physical_interfaces(self.rt.cfg.node.interfaces)}
+        node = self.rt.cfg.node
+        wanted = {i.name: i for i in physical_interfaces(node.interfaces, node.uplinks)}
         for name in list(self.sockets):
             if name not in wanted or wanted[name].index != self.sockets[name][0].index:
                 interface, sock = self.sockets.pop(name)

@@ -24,6 +24,7 @@ from services.common.interfaces import physical_interfaces
 from services.common.logs import kv
 from services.common.runtime import Outgoing, ServiceDefinition, ServiceRuntime
 from services.common.wire import WireRejected
+from services.common.wireguard import WireGuardError
 from services.discovery.hello import HELLO_PORT
 
 from .handlers import HANDLERS, links_up, summarize
@@ -35,7 +36,7 @@ from .handshake import (
     Offer,
     Responder,
 )
-from .tunnels import TunnelError, Tunnels, TunnelSpec, link_local_for, tunnel_name
+from .tunnels import Tunnels, TunnelSpec, link_local_for, tunnel_name
 
 log = logging.getLogger("link")
 
@@ -118,11 +119,12 @@ class LinkLoop:
     # -- the forwarding policy -------------------------------------------------
 
     def install_policy(self) -> None:
-        physical = [i.name for i in physical_interfaces(self.rt.cfg.node.interfaces)]
+        node = self.rt.cfg.node
+        physical = [i.name for i in physical_interfaces(node.interfaces, node.uplinks)]
         self.policy.install(PolicySpec(
             physical=tuple(physical), hello_port=HELLO_PORT, handshake_port=HANDSHAKE_PORT,
             wg_port_min=self.settings.wireguard_port_min,
-            wg_port_max=self.settings.wireguard_port_max,
+            wg_port_max=self.settings.wireguard_port_max, uplinks=self.rt.cfg.node.uplinks,
         ))
         log.info(kv("policy.installed", physical=",".join(physical) or "-"))
 
@@ -213,7 +215,7 @@ class LinkLoop:
             endpoint_port=offer.wireguard_port, listen_port=port,
             tunnel_local_address=link_local_for(self.identity.identity_key),
             tunnel_peer_address=link_local_for(offer.identity_key),
-            backend=link_pb2.TUNNEL_BACKEND_KERNEL if self.tunnels.kernel
+            backend=link_pb2.TUNNEL_BACKEND_KERNEL if self.tunnels.wireguard.kernel
             else link_pb2.TUNNEL_BACKEND_WIREGUARD_GO,
         )
         current = self.rt.state.links.get(offer.node_id)
@@ -264,7 +266,7 @@ class LinkLoop:
             try:
                 self.tunnels.ensure(spec)
                 working.add(spec.name)
-            except TunnelError as err:
+            except WireGuardError as err:
                 log.warning(kv("tunnel.failed", tunnel=spec.name, error=err))
         self.policy.set_tunnels(working)
         return working == set(wanted)

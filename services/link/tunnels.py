@@ -1,11 +1,9 @@
-"""WireGuard tunnels, one per neighbor: the only module that touches them.
-
-Kernel WireGuard when the module exists, else wireguard-go (whose control
-socket, /var/run/wireguard/<ifname>.sock, is shared by every namespace of the
-machine: names are derived from both ends' keys so they never collide). Both
-are configured with `wg`. A reconciler: it compares the tunnels the projection
-wants with those that exist, and changes only the difference, so a restarted
-link service leaves healthy tunnels alone.
+"""WireGuard tunnels, one per neighbor: the only module of link that touches
+them (through services.common.wireguard). Names are derived from both ends'
+keys, so they never collide on wireguard-go's machine-wide sockets. A
+reconciler: it compares the tunnels the projection wants with those that
+exist, and changes only the difference, so a restarted link service leaves
+healthy tunnels alone.
 """
 
 from __future__ import annotations
@@ -14,21 +12,17 @@ import base64
 import hashlib
 import ipaddress
 import logging
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.interfaces import TUNNEL_PREFIX
 from services.common.logs import kv
+from services.common.wireguard import PROBE_INTERFACE, WireGuard, WireGuardError, run
 
 log = logging.getLogger("link")
 
 KEEPALIVE_SECONDS = 1
 
-
-class TunnelError(RuntimeError):
-    """A tunnel could not be made or changed; the message has the tool's words."""
 
 
 def tunnel_name(own_key: bytes, peer_key: bytes) -> str:
@@ -50,52 +44,25 @@ class TunnelSpec:
     local_address: str
 
 
-def _run(argv: list[str], stdin: str | None = None) -> str:
-    done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
-    if done.returncode != 0:
-        raise TunnelError(f"{' '.join(argv)}: {done.stderr.strip() or done.stdout.strip()}")
-    return done.stdout
-
-
-def kernel_has_wireguard() -> bool:
-    probe = "mwprobe0"
-    done = subprocess.run(["ip", "link", "add", probe, "type", "wireguard"],
-                          capture_output=True, text=True)
-    if done.returncode == 0:
-        subprocess.run(["ip", "link", "del", probe], capture_output=True)
-        return True
-    return False
-
-
 class Tunnels:
     def __init__(self, private_key_b64: str) -> None:
         self.private_key_b64 = private_key_b64
-        self.kernel = kernel_has_wireguard()
-        if not self.kernel and shutil.which("wireguard-go") is None:
-            raise TunnelError("no WireGuard: the kernel has no module and wireguard-go is "
-                              "missing (apt-get install wireguard-go)")
-        if shutil.which("wg") is None:
-            raise TunnelError("wg not found: apt-get install wireguard-tools")
+        self.wireguard = WireGuard()
 
     @property
     def backend(self) -> str:
-        return "kernel" if self.kernel else "wireguard-go"
+        return self.wireguard.backend
 
     def existing(self) -> set[str]:
         return {p.name for p in Path("/sys/class/net").iterdir()
-                if p.name.startswith(TUNNEL_PREFIX) and p.name != "mwprobe0"}
+                if p.name.startswith(TUNNEL_PREFIX) and p.name != PROBE_INTERFACE}
 
     def configured(self, name: str) -> tuple[int, str, str] | None:
         """(listen port, peer key, endpoint) as the tunnel has them, or None."""
-        try:
-            dump = _run(["wg", "show", name, "dump"]).splitlines()
-        except TunnelError:
+        dump = self.wireguard.dump(name)
+        if dump is None or len(dump) < 2:
             return None
-        if len(dump) < 2:
-            return None
-        listen_port = int(dump[0].split("\t")[2])
-        peer = dump[1].split("\t")
-        return listen_port, peer[0], peer[2]
+        return int(dump[0][2]), dump[1][0], dump[1][2]
 
     def ensure(self, spec: TunnelSpec) -> bool:
         """Make the tunnel match spec; True if anything had to change."""
@@ -103,34 +70,29 @@ class Tunnels:
         current = self.configured(spec.name)
         if current is not None and current[:2] == (spec.listen_port, peer_b64):
             return False
-        if spec.name not in self.existing():
-            if self.kernel:
-                _run(["ip", "link", "add", spec.name, "type", "wireguard"])
-            else:
-                _run(["wireguard-go", spec.name])
+        self.wireguard.create(spec.name)
         if current is not None:
             # A changed peer key replaces the peer (the port may have changed too).
-            _run(["wg", "set", spec.name, "peer", current[1], "remove"])
-        _run(["wg", "set", spec.name, "private-key", "/dev/stdin", "listen-port",
-              str(spec.listen_port), "peer", peer_b64, "endpoint", spec.endpoint,
-              "allowed-ips", "::/0,0.0.0.0/0", "persistent-keepalive", str(KEEPALIVE_SECONDS)],
-             stdin=self.private_key_b64 + "\n")
-        _run(["ip", "-6", "addr", "replace", f"{spec.local_address}/64", "dev", spec.name])
-        _run(["ip", "link", "set", spec.name, "up"])
+            self.wireguard.set(spec.name, ["peer", current[1], "remove"])
+        self.wireguard.set(spec.name, [
+            "listen-port", str(spec.listen_port), "peer", peer_b64, "endpoint", spec.endpoint,
+            "allowed-ips", "::/0,0.0.0.0/0", "persistent-keepalive", str(KEEPALIVE_SECONDS)],
+            self.private_key_b64)
+        run(["ip", "-6", "addr", "replace", f"{spec.local_address}/64", "dev", spec.name])
+        run(["ip", "link", "set", spec.name, "up"])
         log.info(kv("tunnel.configured", tunnel=spec.name, port=spec.listen_port,
                     endpoint=spec.endpoint, backend=self.backend))
         return True
 
     def remove(self, name: str) -> None:
-        subprocess.run(["ip", "link", "del", name], capture_output=True)
-        Path(f"/var/run/wireguard/{name}.sock").unlink(missing_ok=True)
+        self.wireguard.remove(name)
         log.info(kv("tunnel.removed", tunnel=name))
 
     def received_bytes(self) -> dict[str, int]:
         """Bytes received per tunnel: keepalives make it grow while the peer lives."""
         try:
-            out = _run(["wg", "show", "all", "transfer"])
-        except TunnelError:
+            out = run(["wg", "show", "all", "transfer"])
+        except WireGuardError:
             return {}
         totals: dict[str, int] = {}
         for line in out.splitlines():

@@ -108,6 +108,7 @@ class RouteLoop:
         self.speaker.overclaim = self.settings.overclaim
         self.hold_retractions_until = 0.0
         self.own_prefixes: list[str] = []
+        self.loopback: list[str] = []
         self.own_refreshed = -LOOPBACK_REFRESH_SECONDS
         self.sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -273,12 +274,13 @@ class RouteLoop:
             log.debug(kv("babel.unsent", interface=datagram.interface, error=err))
 
     async def refresh_own(self, now: float) -> None:
-        if now - self.own_refreshed < LOOPBACK_REFRESH_SECONDS:
-            return
-        self.own_refreshed = now
-        own = list(self.settings.originate)
-        if self.settings.originate_loopback:
-            own += await self.kernel_thread.run(self.kernel.loopback_prefixes)
+        if now - self.own_refreshed >= LOOPBACK_REFRESH_SECONDS:
+            self.own_refreshed = now
+            self.loopback = (await self.kernel_thread.run(self.kernel.loopback_prefixes)
+                             if self.settings.originate_loopback else [])
+        # A gateway's exits go as soon as they become unreachable (every tick).
+        announced = sorted({p for a in self.rt.state.announced.values() for p in a.prefixes})
+        own = list(self.settings.originate) + self.loopback + announced
         if own != self.own_prefixes:
             self.own_prefixes = own
             log.info(kv("route.originate", prefixes=",".join(own) or "-"))
@@ -402,7 +404,7 @@ DEFINITION: ServiceDefinition[Any] = ServiceDefinition(
     state_type=route_pb2.RouteState,
     subjects=("evt.link.up.>", "evt.link.down.>", "evt.meter.price.>", "evt.route.changed.>",
               "evt.route.seqno.>", "evt.route.tradeoff.>", "evt.verify.penalized.>",
-              "evt.verify.pardoned.>"),
+              "evt.verify.pardoned.>", "evt.exit.tunnel_up.>", "evt.exit.tunnel_down.>"),
     handlers=HANDLERS,
     summarize=summarize,
     tasks=(route_loop,),

@@ -174,19 +174,21 @@ def running(babelds: Sequence[Babeld]) -> Iterator[Sequence[Babeld]]:
 
 
 class Capture:
-    """tshark capturing Babel (UDP 6696) on all of a node's interfaces (`any`)
-    into a file."""
+    """tshark capturing Babel (UDP 6696), or what `capture_filter` says, on all
+    of a node's interfaces (`any`) into a file."""
 
-    def __init__(self, fabric: Fabric, node: str, workdir: Path) -> None:
+    def __init__(self, fabric: Fabric, node: str, workdir: Path,
+                 capture_filter: str = "udp port 6696") -> None:
         self.fabric = fabric
         self.node = node
+        self.capture_filter = capture_filter
         workdir.mkdir(parents=True, exist_ok=True)
         self.file = workdir / f"{node}.pcapng"
         self.log_file = workdir / f"{node}.tshark.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        argv = ["tshark", "-q", "-i", "any", "-f", "udp port 6696", "-w", str(self.file)]
+        argv = ["tshark", "-q", "-i", "any", "-f", self.capture_filter, "-w", str(self.file)]
         with self.log_file.open("wb") as log:
             self.process = subprocess.Popen(self.fabric.exec_argv(self.node, argv),
                                             stdout=log, stderr=subprocess.STDOUT)

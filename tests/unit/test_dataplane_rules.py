@@ -26,6 +26,9 @@ table inet mesh {
 		type ifname
 		elements = { "eth0", "v-r1", "v-r2" }
 	}
+	set uplinks {
+		type ifname
+	}
 	counter forward_refused {
 	}
 	counter input_refused {
@@ -33,6 +36,8 @@ table inet mesh {
 	chain forward {
 		type filter hook forward priority filter; policy drop;
 		iifname @tunnels accept
+		iifname "mx*" oifname @uplinks accept comment "exit clients"
+		iifname @uplinks ct state established,related accept comment "replies"
 		counter name "forward_refused" drop
 	}
 	chain physical_in {
@@ -69,7 +74,7 @@ def test_no_tunnels_and_a_single_wireguard_port() -> None:
 def test_no_keyword_names() -> None:
     # nft 1.0.6 parses these as keywords: a chain or set by these names breaks the script.
     names = re.findall(r"^\t(?:chain|set|counter) (\S+)", render_policy(SPEC), re.MULTILINE)
-    assert names == ["tunnels", "physical", "forward_refused", "input_refused",
+    assert names == ["tunnels", "physical", "uplinks", "forward_refused", "input_refused",
                      "forward", "physical_in", "input"]
     assert not {"fwd", "dst"} & set(names)
 

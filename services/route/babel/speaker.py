@@ -129,6 +129,10 @@ class Speaker:
         if prefixes != self.own:
             self.triggered |= prefixes ^ self.own
             self.dirty |= prefixes ^ self.own
+            # A prefix we now originate (a gateway's exit) is no longer routed
+            # through a neighbor: the route learned for it is dropped.
+            for prefix in prefixes - self.own:
+                self.selected.pop(prefix, None)
             self.own = prefixes
 
     def set_price(self, own_price: int, default_path_price: int) -> None:

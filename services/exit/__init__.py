@@ -1,0 +1,1 @@
+"""exit: registration, tunnels and NAT between clients, exits and gateways."""

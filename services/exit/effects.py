@@ -1,0 +1,108 @@
+"""exit's only I/O with the kernel: its WireGuard tunnels, the NAT out of
+the uplinks, and a client's default route. Each call makes the kernel match
+what it is given and is safe to repeat, so a restarted service reconciles.
+Blocking (subprocesses, nft): the service calls these from a thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+
+from dataplane.policy import check_ifnames
+from dataplane.shim import Nft
+from services.common.interfaces import EXIT_TUNNEL_PREFIX
+from services.common.logs import kv
+from services.common.wireguard import WireGuard, run
+
+log = logging.getLogger("exit")
+
+NAT_TABLE = "inet mesh_nat"
+# Routes this service installs (the default route through the exit).
+ROUTE_PROTOCOL = "78"
+KEEPALIVE_SECONDS = 1
+
+
+def exit_interface(own_wireguard_key: bytes) -> str:
+    """The exit's one tunnel interface, shared by its clients."""
+    return EXIT_TUNNEL_PREFIX + "e" + hashlib.sha256(own_wireguard_key).hexdigest()[:8]
+
+
+def client_interface(own_wireguard_key: bytes, exit_wireguard_key: bytes) -> str:
+    digest = hashlib.sha256(own_wireguard_key + exit_wireguard_key).hexdigest()
+    return EXIT_TUNNEL_PREFIX + digest[:8]
+
+
+def b64(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
+def install_nat(uplinks: tuple[str, ...]) -> None:
+    """What leaves an uplink leaves with the uplink's address: a gateway's
+    mesh traffic and an exit's clients alike (replies come back through
+    conntrack, which the forwarding policy lets in)."""
+    names = ", ".join(f'"{n}"' for n in check_ifnames(uplinks))
+    Nft().run(
+        f"table {NAT_TABLE} {{}}\n"
+        f"delete table {NAT_TABLE}\n"
+        f"table {NAT_TABLE} {{\n"
+        "\tchain postrouting {\n"
+        "\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
+        f"\t\toifname {{ {names} }} masquerade\n"
+        "\t}\n"
+        "}\n")
+    log.info(kv("nat.installed", uplinks=",".join(uplinks)))
+
+
+class ExitTunnels:
+    def __init__(self, private_key_b64: str) -> None:
+        self.private_key_b64 = private_key_b64
+        self.wireguard = WireGuard()
+
+    def ensure_exit(self, name: str, port: int, address: str) -> None:
+        """The exit's interface: listening on port, with address (its pool)."""
+        self.wireguard.create(name)
+        self.wireguard.set(name, ["listen-port", str(port)], self.private_key_b64)
+        run(["ip", "-6", "addr", "replace", address, "dev", name])
+        run(["ip", "link", "set", name, "up"])
+
+    def ensure_client_peer(self, name: str, peer_key: bytes, addresses: list[str]) -> None:
+        self.wireguard.set(name, ["peer", b64(peer_key), "allowed-ips", ",".join(addresses),
+                                  "persistent-keepalive", str(KEEPALIVE_SECONDS)])
+
+    def ensure_client(self, name: str, exit_key: bytes, endpoint: str,
+                      addresses: list[str]) -> None:
+        """A client's tunnel to its exit, and the default route through it
+        (the mesh's own routes are more specific, so they stay)."""
+        self.wireguard.create(name)
+        dump = self.wireguard.dump(name) or []
+        for peer in dump[1:]:
+            if peer[0] != b64(exit_key):
+                self.wireguard.set(name, ["peer", peer[0], "remove"])
+        self.wireguard.set(name, ["peer", b64(exit_key), "endpoint", endpoint,
+                                  "allowed-ips", "::/0",
+                                  "persistent-keepalive", str(KEEPALIVE_SECONDS)],
+                           self.private_key_b64)
+        for address in addresses:
+            run(["ip", "-6", "addr", "replace", address, "dev", name])
+        run(["ip", "link", "set", name, "up"])
+        source = addresses[0].split("/")[0]
+        run(["ip", "-6", "route", "replace", "default", "dev", name, "proto", ROUTE_PROTOCOL,
+             "src", source])
+
+    def remove(self, name: str) -> None:
+        """The tunnel and, with it, the default route through it."""
+        self.wireguard.remove(name)
+
+    def received(self, name: str) -> tuple[int, int] | None:
+        """(bytes received, bytes sent) on the tunnel, or None if it is gone."""
+        dump = self.wireguard.dump(name)
+        if dump is None:
+            return None
+        return sum(int(p[5]) for p in dump[1:]), sum(int(p[6]) for p in dump[1:])
+
+    def peer_transfer(self, name: str) -> dict[str, tuple[int, int, int]]:
+        """Per peer key (base64): (latest handshake, bytes received, bytes sent)."""
+        dump = self.wireguard.dump(name) or []
+        return {p[0]: (int(p[4]), int(p[5]), int(p[6])) for p in dump[1:]}

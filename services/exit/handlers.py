@@ -1,0 +1,104 @@
+"""exit's projection, for every role the node plays: the clients an exit
+admitted, the exits a client may use (with the route to each) and the one
+it uses, and the exits a gateway reaches. Pure functions of (state, event).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf.message import Message
+from mesh.exit.v1 import exit_pb2
+from mesh.route.v1 import route_pb2
+
+from services.common.envelope import Event, MalformedEvent
+from services.common.runtime import Handler, Outgoing
+
+EXIT, CLIENT, GATEWAY = (exit_pb2.EXIT_ROLE_EXIT, exit_pb2.EXIT_ROLE_CLIENT,
+                         exit_pb2.EXIT_ROLE_GATEWAY)
+
+
+def on_registered(
+    state: exit_pb2.ExitState, event: Event[exit_pb2.ExitRegistered]
+) -> list[Outgoing]:
+    registered = event.payload
+    if not registered.client_addresses:
+        raise MalformedEvent(f"registration of {registered.client_id!r} without addresses")
+    if registered.role == EXIT:
+        state.clients[registered.client_id].registration.CopyFrom(registered)
+    elif registered.role == CLIENT:
+        state.exits[registered.exit_id].registration.CopyFrom(registered)
+    else:
+        raise MalformedEvent(f"registration in role {registered.role}")
+    return []
+
+
+def on_selected(state: exit_pb2.ExitState, event: Event[exit_pb2.ExitSelected]) -> list[Outgoing]:
+    state.selected_exit_id = event.payload.exit_id
+    return []
+
+
+def on_tunnel_up(state: exit_pb2.ExitState, event: Event[exit_pb2.ExitTunnelUp]) -> list[Outgoing]:
+    up = event.payload
+    if up.role == EXIT:
+        state.clients[up.peer_id].tunnel_up = True
+    elif up.role == CLIENT:
+        state.exits[up.peer_id].tunnel_up = True
+    elif up.role == GATEWAY:
+        state.gateway_tunnels[up.peer_id].CopyFrom(up)
+    return []
+
+
+def on_tunnel_down(
+    state: exit_pb2.ExitState, event: Event[exit_pb2.ExitTunnelDown]
+) -> list[Outgoing]:
+    down = event.payload
+    if down.role == EXIT and down.peer_id in state.clients:
+        state.clients[down.peer_id].tunnel_up = False
+    elif down.role == CLIENT and down.peer_id in state.exits:
+        state.exits[down.peer_id].tunnel_up = False
+        if state.selected_exit_id == down.peer_id:
+            state.selected_exit_id = ""
+    elif down.role == GATEWAY:
+        state.gateway_tunnels.pop(down.peer_id, None)
+    return []
+
+
+def make_handlers(exit_prefixes: Mapping[str, str]) -> Mapping[type[Message], Handler[Any]]:
+    """exit_prefixes: the configured exits' addresses (as route names them,
+    a /128) to their ids; routes to other prefixes are not ours to keep."""
+
+    def on_route_changed(
+        state: exit_pb2.ExitState, event: Event[route_pb2.RouteChanged]
+    ) -> list[Outgoing]:
+        route = event.payload
+        exit_id = exit_prefixes.get(route.prefix)
+        if exit_id is None:
+            return []
+        if route.change == route_pb2.ROUTE_CHANGE_RETRACTED:
+            state.exits[exit_id].ClearField("route")
+        else:
+            state.exits[exit_id].route.CopyFrom(exit_pb2.ExitState.RouteToExit(
+                prefix=route.prefix, metric=route.metric, path_price=route.path_price,
+                next_hop_id=route.next_hop_id))
+        return []
+
+    return {
+        exit_pb2.ExitRegistered: on_registered,
+        exit_pb2.ExitSelected: on_selected,
+        exit_pb2.ExitTunnelUp: on_tunnel_up,
+        exit_pb2.ExitTunnelDown: on_tunnel_down,
+        route_pb2.RouteChanged: on_route_changed,
+    }
+
+
+def summarize(state: exit_pb2.ExitState) -> Mapping[str, Any]:
+    return {
+        "clients": ",".join(sorted(state.clients)) or "-",
+        "clients_up": sum(1 for c in state.clients.values() if c.tunnel_up),
+        "exit": state.selected_exit_id or "-",
+        "exits_routed": ",".join(sorted(e for e, x in state.exits.items()
+                                        if x.HasField("route"))) or "-",
+        "gateway_to": ",".join(sorted(state.gateway_tunnels)) or "-",
+    }

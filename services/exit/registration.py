@@ -1,0 +1,113 @@
+"""Registration with an exit, the pure part: what a client signs, how an exit
+checks it, which addresses a client gets, and how a client picks an exit.
+No sockets here; the service and the tests use the same functions.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+from mesh.exit.v1 import exit_pb2, registration_pb2
+
+from services.common.identity import IDENTITY_KEY_LENGTH, verify
+
+WIREGUARD_KEY_LENGTH = 32
+NOMINAL_LINK_COST = 96
+_DOMAIN = b"mesh-exit-register\x00"
+
+
+def registration_message(request: registration_pb2.RegisterRequest) -> bytes:
+    """The bytes a client signs: every field but the signature, unambiguously."""
+    exit_id, client_id = request.exit_id.encode(), request.client_id.encode()
+    return (_DOMAIN + struct.pack("!H", len(exit_id)) + exit_id
+            + struct.pack("!H", len(client_id)) + client_id
+            + request.identity_key + request.wireguard_key
+            + struct.pack("!Q", request.timestamp_ms))
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: exit_pb2.RefusalReason
+    detail: str
+
+
+def check_request(
+    request: registration_pb2.RegisterRequest, exit_id: str, now_ms: int, window_ms: int
+) -> Refusal | None:
+    """None if the exit should admit the request, else why not."""
+    malformed = exit_pb2.REFUSAL_REASON_MALFORMED
+    if not request.client_id:
+        return Refusal(malformed, "no client_id")
+    if len(request.identity_key) != IDENTITY_KEY_LENGTH:
+        return Refusal(malformed, f"identity_key is {len(request.identity_key)} bytes, "
+                                  f"not {IDENTITY_KEY_LENGTH}")
+    if len(request.wireguard_key) != WIREGUARD_KEY_LENGTH:
+        return Refusal(malformed, f"wireguard_key is {len(request.wireguard_key)} bytes, "
+                                  f"not {WIREGUARD_KEY_LENGTH}")
+    if request.exit_id != exit_id:
+        return Refusal(malformed, f"addressed to exit {request.exit_id!r}, this is {exit_id!r}")
+    if not verify(request.identity_key, request.signature, registration_message(request)):
+        return Refusal(exit_pb2.REFUSAL_REASON_BAD_SIGNATURE,
+                       "the signature is not the identity key's over the request")
+    if abs(now_ms - request.timestamp_ms) > window_ms:
+        return Refusal(exit_pb2.REFUSAL_REASON_STALE,
+                       f"timestamp {(now_ms - request.timestamp_ms) / 1000:.0f}s away from "
+                       f"the exit's clock (the window is {window_ms / 1000:.0f}s)")
+    return None
+
+
+def client_address(pool: str, index: int) -> str:
+    """The index-th client's /128 in the pool (::1 is the exit's own)."""
+    network = ipaddress.IPv6Network(pool)
+    if index + 2 >= network.num_addresses:
+        raise IndexError(f"pool {pool} has no address for client {index}")
+    return f"{network[index + 2]}/128"
+
+
+def exit_address(pool: str) -> str:
+    """The exit's own address in the pool, with the pool's length."""
+    network = ipaddress.IPv6Network(pool)
+    return f"{network[1]}/{network.prefixlen}"
+
+
+def addresses_for(state: exit_pb2.ExitState, client_id: str, identity_key: bytes,
+                  pool: str) -> list[str] | None:
+    """A registered client keeps its addresses (the same identity registering
+    again, say with a new WireGuard key); a new one gets the lowest free one.
+    None when another identity holds the client id, or the pool is full."""
+    known = state.clients.get(client_id)
+    if known is not None and known.HasField("registration"):
+        if known.registration.client_identity_key != identity_key:
+            return None
+        return list(known.registration.client_addresses)
+    taken = {a for c in state.clients.values() for a in c.registration.client_addresses}
+    index = 0
+    while True:
+        try:
+            candidate = client_address(pool, index)
+        except IndexError:
+            return None
+        if candidate not in taken:
+            return [candidate]
+        index += 1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    exit_id: str
+    metric: int
+    price: int  # wei per byte: the path to the exit plus the exit's own prices
+
+
+def choose(candidates: list[Candidate], avoid: set[str]) -> Candidate | None:
+    """The exit by route quality, then price: among those whose route is within
+    one link of the best metric, the cheapest; `avoid` (exits that just
+    failed) only when there is nothing else."""
+    usable = [c for c in candidates if c.exit_id not in avoid] or list(candidates)
+    if not usable:
+        return None
+    best = min(c.metric for c in usable)
+    close = [c for c in usable if c.metric <= best + NOMINAL_LINK_COST]
+    return min(close, key=lambda c: (c.price, c.metric, c.exit_id))

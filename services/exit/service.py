@@ -1,0 +1,508 @@
+"""exit's definition, settings and loops, one per role the node plays:
+
+- exit (`serve`): the registration API on TCP, one WireGuard interface for
+  every admitted client, NAT out of the uplinks;
+- client (`exits`): picks an exit by its route and price, registers, brings
+  up the tunnel with the default route through it, and fails over when the
+  exit stops answering;
+- gateway (`gateway_exits`): NAT out of the uplinks, and an ExitTunnelUp
+  (route announces the exit's address into Babel) while the exit answers
+  over an uplink, an ExitTunnelDown when it stops.
+
+Order of effects: a registration is stored (ExitRegistered) before the exit
+adds the client's peer or answers, so a restarted exit rebuilds every peer
+from its log, and a client's before it builds its tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from mesh.exit.v1 import exit_pb2, registration_pb2, registration_pb2_grpc
+
+from services.common.config import ConfigError, NodeConfig
+from services.common.identity import Identity
+from services.common.logs import kv
+from services.common.money import amount, money
+from services.common.runtime import Outgoing, ServiceDefinition, ServiceRuntime
+
+from . import effects
+from .handlers import CLIENT, EXIT, GATEWAY, make_handlers, summarize
+from .registration import (
+    Candidate,
+    addresses_for,
+    check_request,
+    choose,
+    exit_address,
+    registration_message,
+)
+
+log = logging.getLogger("exit")
+
+TICK_SECONDS = 0.5
+CALL_TIMEOUT = 3.0
+# An exit that failed is tried again only after this long (unless it is the only one).
+AVOID_SECONDS = 30.0
+# A gateway withdraws an exit after this many probes in a row went unanswered.
+PROBES_LOST = 3
+
+
+@dataclass(frozen=True)
+class ExitAddress:
+    """One configured exit: NAME=[ADDRESS]:PORT (the registration port)."""
+
+    name: str
+    address: str
+    port: int
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.address}/128"
+
+    @property
+    def target(self) -> str:
+        return f"[{self.address}]:{self.port}"
+
+    @classmethod
+    def parse(cls, spec: str, default_port: int) -> ExitAddress:
+        name, sep, where = spec.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"[exit] exit {spec!r}: want NAME=[ADDRESS]:PORT")
+        address, port = where, default_port
+        if where.startswith("["):
+            address, _, rest = where[1:].partition("]")
+            if rest:
+                if not rest.startswith(":") or not rest[1:].isdigit():
+                    raise ConfigError(f"[exit] exit {spec!r}: bad port {rest!r}")
+                port = int(rest[1:])
+        try:
+            address = str(ipaddress.IPv6Address(address))
+        except ValueError:
+            raise ConfigError(f"[exit] exit {spec!r}: {address!r} is not an IPv6 address") from None
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"[exit] exit {spec!r}: port {port} out of range")
+        return cls(name, address, port)
+
+
+@dataclass(frozen=True)
+class ExitSettings:
+    serve: bool = field(default=False, metadata={
+        "help": "be an exit: admit clients, tunnel them, NAT them out of [node] uplinks"})
+    registration_port: int = field(default=50080, metadata={
+        "help": "TCP port of an exit's registration API (and the default in `exits`)"})
+    tunnel_port: int = field(default=51820, metadata={
+        "help": "UDP port of an exit's WireGuard interface"})
+    client_pool: str = field(default="fd64:0:0:1::/64", metadata={
+        "help": "IPv6 prefix an exit assigns its clients' tunnel addresses from"})
+    price_up: int = field(default=1_000_000, metadata={
+        "help": "wei per byte a client pays an exit for traffic to the internet"})
+    price_down: int = field(default=2_000_000, metadata={
+        "help": "wei per byte a client pays an exit for response traffic (it covers what "
+                "the exit pays the mesh for it, plus the exit's fee)"})
+    registration_window: float = field(default=300.0, metadata={
+        "help": "seconds a registration's timestamp may be from the exit's clock"})
+    exits: tuple[str, ...] = field(default=(), metadata={
+        "help": "exits this router may send its internet traffic through, each "
+                "NAME=[ADDRESS]:PORT; empty: not a client"})
+    liveness_seconds: float = field(default=6.0, metadata={
+        "help": "a client fails over when its exit tunnel receives nothing this long"})
+    gateway_exits: tuple[str, ...] = field(default=(), metadata={
+        "help": "exits this gateway announces into Babel while they answer over an uplink, "
+                "each NAME=[ADDRESS]:PORT"})
+    probe_interval: float = field(default=1.0, metadata={
+        "help": "seconds between a gateway's checks that its exits answer"})
+
+    def __post_init__(self) -> None:
+        try:
+            pool = ipaddress.IPv6Network(self.client_pool)
+        except ValueError as err:
+            raise ConfigError(f"[exit] client_pool: {err}") from None
+        if pool.num_addresses < 4:
+            raise ConfigError(f"[exit] client_pool {self.client_pool} is too small")
+        for port_field in ("registration_port", "tunnel_port"):
+            if not 1 <= getattr(self, port_field) <= 65535:
+                raise ConfigError(f"[exit] {port_field} must be 1-65535")
+        if self.price_up < 0 or self.price_down < 0:
+            raise ConfigError("[exit] prices must not be negative")
+        if self.liveness_seconds <= 2 * effects.KEEPALIVE_SECONDS:
+            raise ConfigError("[exit] liveness_seconds must exceed two keepalives (2 s)")
+        self.exit_addresses()
+        self.gateway_addresses()
+
+    def exit_addresses(self) -> list[ExitAddress]:
+        return [ExitAddress.parse(s, self.registration_port) for s in self.exits]
+
+    def gateway_addresses(self) -> list[ExitAddress]:
+        return [ExitAddress.parse(s, self.registration_port) for s in self.gateway_exits]
+
+
+def refusal_status(reason: exit_pb2.RefusalReason) -> grpc.StatusCode:
+    return {
+        exit_pb2.REFUSAL_REASON_MALFORMED: grpc.StatusCode.INVALID_ARGUMENT,
+        exit_pb2.REFUSAL_REASON_BAD_SIGNATURE: grpc.StatusCode.UNAUTHENTICATED,
+        exit_pb2.REFUSAL_REASON_STALE: grpc.StatusCode.UNAUTHENTICATED,
+        exit_pb2.REFUSAL_REASON_ADDRESS_POOL_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        exit_pb2.REFUSAL_REASON_BLOCKED: grpc.StatusCode.PERMISSION_DENIED,
+    }.get(reason, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ExitLoop:
+    def __init__(self, rt: ServiceRuntime[exit_pb2.ExitState]) -> None:
+        self.rt = rt
+        self.settings = rt.cfg.section("exit", ExitSettings)
+        self.identity = Identity.load_or_create(rt.cfg.node.data_dir / "keys")
+        self.tunnels: effects.ExitTunnels | None = None
+        if self.settings.serve or self.settings.exits:
+            self.tunnels = effects.ExitTunnels(self.identity.wireguard_private_b64)
+        self.exit_interface = effects.exit_interface(self.identity.wireguard_public)
+        self.lock = asyncio.Lock()
+        self.channels: dict[str, grpc.aio.Channel] = {}
+        # Client side: exits that failed lately, and the tunnel's last traffic.
+        self.avoid: dict[str, float] = {}
+        self.client_tunnel = ""
+        self.last_received = (0, 0.0)
+
+    def offer(self) -> registration_pb2.ExitOffer:
+        return registration_pb2.ExitOffer(
+            exit_id=self.rt.node_id, wireguard_key=self.identity.wireguard_public,
+            tunnel_port=self.settings.tunnel_port, price_up=money(self.settings.price_up),
+            price_down=money(self.settings.price_down))
+
+    def stub(self, where: ExitAddress) -> registration_pb2_grpc.ExitRegistrationStub:
+        channel = self.channels.get(where.target)
+        if channel is None:
+            channel = self.channels[where.target] = grpc.aio.insecure_channel(where.target)
+        return registration_pb2_grpc.ExitRegistrationStub(channel)
+
+    async def run(self) -> None:
+        loops = []
+        if self.rt.cfg.node.uplinks:
+            await asyncio.to_thread(effects.install_nat, self.rt.cfg.node.uplinks)
+        if self.settings.serve:
+            loops.append(self.serve())
+        if self.settings.exits:
+            loops.append(self.use_exits())
+        if self.settings.gateway_exits:
+            loops.append(self.watch_exits())
+        try:
+            await asyncio.gather(*loops)
+        finally:
+            for channel in self.channels.values():
+                await channel.close()
+
+    # -- exit side ---------------------------------------------------------------
+
+    async def serve(self) -> None:
+        assert self.tunnels is not None
+        tunnels = self.tunnels
+        await asyncio.to_thread(tunnels.ensure_exit, self.exit_interface,
+                                self.settings.tunnel_port, exit_address(self.settings.client_pool))
+        for client in list(self.rt.state.clients.values()):
+            registration = client.registration
+            await asyncio.to_thread(tunnels.ensure_client_peer, self.exit_interface,
+                                    registration.client_wireguard_key,
+                                    list(registration.client_addresses))
+        server = grpc.aio.server()
+        registration_pb2_grpc.add_ExitRegistrationServicer_to_server(
+            RegistrationServicer(self), server)
+        server.add_insecure_port(f"[::]:{self.settings.registration_port}")
+        await server.start()
+        log.info(kv("exit.serving", port=self.settings.registration_port,
+                    tunnel=self.exit_interface, tunnel_port=self.settings.tunnel_port,
+                    clients=len(self.rt.state.clients)))
+        try:
+            while not self.rt.stopping.is_set():
+                await self.watch_clients()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.rt.stopping.wait(), 1.0)
+        finally:
+            await server.stop(0.5)
+
+    async def watch_clients(self) -> None:
+        """ExitTunnelUp once a client's handshake arrived, Down when it went stale."""
+        assert self.tunnels is not None
+        peers = await asyncio.to_thread(self.tunnels.peer_transfer, self.exit_interface)
+        for client_id, client in list(self.rt.state.clients.items()):
+            key = effects.b64(client.registration.client_wireguard_key)
+            handshake = peers.get(key, (0, 0, 0))[0]
+            # WireGuard renews the handshake every 2 minutes while traffic flows.
+            alive = handshake > 0 and time.time() - handshake < 180
+            if alive and not client.tunnel_up:
+                await self.rt.publish(Outgoing("tunnel_up", client_id, exit_pb2.ExitTunnelUp(
+                    role=EXIT, peer_id=client_id, tunnel_interface=self.exit_interface,
+                    peer_wireguard_key=client.registration.client_wireguard_key,
+                    peer_addresses=client.registration.client_addresses)))
+                log.info(kv("exit.client_up", client=client_id))
+            elif not alive and client.tunnel_up:
+                await self.rt.publish(Outgoing("tunnel_down", client_id, exit_pb2.ExitTunnelDown(
+                    role=EXIT, peer_id=client_id, tunnel_interface=self.exit_interface,
+                    reason=exit_pb2.TUNNEL_DOWN_REASON_UNRESPONSIVE)))
+                log.info(kv("exit.client_down", client=client_id))
+
+    async def register(self, request: registration_pb2.RegisterRequest
+                       ) -> exit_pb2.ExitRegistered | exit_pb2.RegistrationRefused:
+        assert self.tunnels is not None
+        async with self.lock:
+            refusal = check_request(request, self.rt.node_id, now_ms(),
+                                    int(self.settings.registration_window * 1000))
+            addresses: list[str] | None = None
+            if refusal is None:
+                addresses = addresses_for(self.rt.state, request.client_id,
+                                          request.identity_key, self.settings.client_pool)
+                if addresses is None:
+                    known = self.rt.state.clients.get(request.client_id)
+                    refusal_reason = (exit_pb2.REFUSAL_REASON_BAD_SIGNATURE if known
+                                      else exit_pb2.REFUSAL_REASON_ADDRESS_POOL_EXHAUSTED)
+                    detail = ("the client id is registered to another identity" if known
+                              else f"no free address in {self.settings.client_pool}")
+                    return await self.refuse(request, refusal_reason, detail)
+            if refusal is not None:
+                return await self.refuse(request, refusal.reason, refusal.detail)
+            assert addresses is not None
+            offer = self.offer()
+            registered = exit_pb2.ExitRegistered(
+                role=EXIT, exit_id=self.rt.node_id, client_id=request.client_id,
+                client_identity_key=request.identity_key,
+                client_wireguard_key=request.wireguard_key,
+                exit_wireguard_key=offer.wireguard_key, client_addresses=addresses,
+                exit_endpoint_port=offer.tunnel_port, price_up=offer.price_up,
+                price_down=offer.price_down)
+            sequence = await self.rt.publish(Outgoing("registered", request.client_id, registered))
+            await self.rt.wait_handled(sequence)
+            await asyncio.to_thread(self.tunnels.ensure_client_peer, self.exit_interface,
+                                    request.wireguard_key, addresses)
+            log.info(kv("exit.registered", client=request.client_id,
+                        addresses=",".join(addresses)))
+            return registered
+
+    async def refuse(self, request: registration_pb2.RegisterRequest,
+                     reason: exit_pb2.RefusalReason, detail: str) -> exit_pb2.RegistrationRefused:
+        refused = exit_pb2.RegistrationRefused(
+            role=EXIT, exit_id=self.rt.node_id, client_id=request.client_id[:64],
+            reason=reason, detail=detail)
+        log.warning(kv("exit.refused", client=refused.client_id,
+                       reason=exit_pb2.RefusalReason.Name(reason), detail=detail))
+        await self.rt.publish(Outgoing("refused", refused.client_id or "unknown", refused))
+        return refused
+
+    # -- client side -------------------------------------------------------------
+
+    async def use_exits(self) -> None:
+        while not self.rt.stopping.is_set():
+            try:
+                await self.client_tick()
+            except grpc.aio.AioRpcError as err:
+                log.info(kv("exit.call_failed", code=err.code().name, detail=err.details()))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.rt.stopping.wait(), TICK_SECONDS)
+
+    async def client_tick(self) -> None:
+        assert self.tunnels is not None
+        state = self.rt.state
+        selected = state.selected_exit_id
+        if selected and state.exits[selected].HasField("registration"):
+            registration = state.exits[selected].registration
+            name = effects.client_interface(self.identity.wireguard_public,
+                                            registration.exit_wireguard_key)
+            if name != self.client_tunnel:
+                # First time since (re)start: make the kernel match the log.
+                await asyncio.to_thread(
+                    self.tunnels.ensure_client, name, registration.exit_wireguard_key,
+                    f"[{registration.exit_endpoint_address}]:{registration.exit_endpoint_port}",
+                    list(registration.client_addresses))
+                self.client_tunnel, self.last_received = name, (0, time.monotonic())
+            await self.check_liveness(selected, name)
+            return
+        await self.select_exit()
+
+    async def check_liveness(self, exit_id: str, name: str) -> None:
+        assert self.tunnels is not None
+        transfer = await asyncio.to_thread(self.tunnels.received, name)
+        received = transfer[0] if transfer else 0
+        now = time.monotonic()
+        if received != self.last_received[0]:
+            self.last_received = (received, now)
+            if not self.rt.state.exits[exit_id].tunnel_up:
+                registration = self.rt.state.exits[exit_id].registration
+                await self.rt.publish(Outgoing("tunnel_up", exit_id, exit_pb2.ExitTunnelUp(
+                    role=CLIENT, peer_id=exit_id, tunnel_interface=name,
+                    peer_wireguard_key=registration.exit_wireguard_key,
+                    endpoint_address=registration.exit_endpoint_address,
+                    endpoint_port=registration.exit_endpoint_port,
+                    local_addresses=registration.client_addresses)))
+                log.info(kv("exit.tunnel_up", exit=exit_id, tunnel=name))
+            return
+        if now - self.last_received[1] < self.settings.liveness_seconds:
+            return
+        log.warning(kv("exit.unresponsive", exit=exit_id, tunnel=name,
+                       silent_s=round(now - self.last_received[1], 1)))
+        await self.rt.publish(Outgoing("tunnel_down", exit_id, exit_pb2.ExitTunnelDown(
+            role=CLIENT, peer_id=exit_id, tunnel_interface=name,
+            reason=exit_pb2.TUNNEL_DOWN_REASON_UNRESPONSIVE)))
+        await asyncio.to_thread(self.tunnels.remove, name)
+        self.client_tunnel = ""
+        self.avoid[exit_id] = now
+
+    async def select_exit(self) -> None:
+        state = self.rt.state
+        now = time.monotonic()
+        configured = {e.name: e for e in self.settings.exit_addresses()}
+        offers: dict[str, registration_pb2.ExitOffer] = {}
+        candidates = []
+        for exit_id, where in configured.items():
+            known = state.exits.get(exit_id)
+            if known is None or not known.HasField("route"):
+                continue
+            try:
+                offer = await self.stub(where).Offer(registration_pb2.OfferRequest(),
+                                                     timeout=CALL_TIMEOUT)
+            except grpc.aio.AioRpcError as err:
+                log.info(kv("exit.no_offer", exit=exit_id, code=err.code().name))
+                self.avoid[exit_id] = now
+                continue
+            offers[exit_id] = offer
+            candidates.append(Candidate(exit_id, known.route.metric, amount(
+                known.route.path_price) + amount(offer.price_up) + amount(offer.price_down)))
+        avoid = {e for e, at in self.avoid.items() if now - at < AVOID_SECONDS}
+        chosen = choose(candidates, avoid)
+        if chosen is None:
+            return
+        where, offer = configured[chosen.exit_id], offers[chosen.exit_id]
+        request = registration_pb2.RegisterRequest(
+            exit_id=chosen.exit_id, client_id=self.rt.node_id,
+            identity_key=self.identity.identity_key,
+            wireguard_key=self.identity.wireguard_public, timestamp_ms=now_ms())
+        request.signature = self.identity.sign(registration_message(request))
+        try:
+            answer = await self.stub(where).Register(request, timeout=CALL_TIMEOUT)
+        except grpc.aio.AioRpcError as err:
+            log.warning(kv("exit.registration_failed", exit=chosen.exit_id,
+                           code=err.code().name, detail=err.details()))
+            await self.rt.publish(Outgoing("refused", chosen.exit_id, exit_pb2.RegistrationRefused(
+                role=CLIENT, exit_id=chosen.exit_id, client_id=self.rt.node_id,
+                reason=exit_pb2.REFUSAL_REASON_UNREACHABLE
+                if err.code() == grpc.StatusCode.UNAVAILABLE else exit_pb2.REFUSAL_REASON_MALFORMED,
+                detail=f"{err.code().name}: {err.details()}")))
+            self.avoid[chosen.exit_id] = now
+            return
+        if answer.exit_wireguard_key != offer.wireguard_key or not answer.client_addresses:
+            log.warning(kv("exit.bad_answer", exit=chosen.exit_id))
+            self.avoid[chosen.exit_id] = now
+            return
+        registered = exit_pb2.ExitRegistered()
+        registered.CopyFrom(answer)
+        registered.role = CLIENT
+        registered.exit_endpoint_address = where.address
+        registered.exit_endpoint_port = offer.tunnel_port
+        previous = self.client_tunnel_exit()
+        await self.rt.publish(Outgoing("registered", chosen.exit_id, registered))
+        route = state.exits[chosen.exit_id].route
+        sequence = await self.rt.publish(Outgoing("selected", chosen.exit_id, exit_pb2.ExitSelected(
+            exit_id=chosen.exit_id, previous_exit_id=previous,
+            reason=exit_pb2.SELECTION_REASON_FAILOVER if previous
+            else exit_pb2.SELECTION_REASON_INITIAL, metric=route.metric,
+            path_price=route.path_price, price_up=offer.price_up, price_down=offer.price_down)))
+        await self.rt.wait_handled(sequence)
+        log.info(kv("exit.selected", exit=chosen.exit_id, metric=route.metric,
+                    previous=previous or "-", addresses=",".join(registered.client_addresses)))
+
+    def client_tunnel_exit(self) -> str:
+        """The exit used before this selection (the one that failed), if any."""
+        recent = [e for e, at in self.avoid.items() if time.monotonic() - at < AVOID_SECONDS]
+        return max(recent, key=lambda e: self.avoid[e], default="")
+
+    # -- gateway side ------------------------------------------------------------
+
+    async def watch_exits(self) -> None:
+        exits = self.settings.gateway_addresses()
+        lost = {e.name: PROBES_LOST for e in exits}
+        while not self.rt.stopping.is_set():
+            for where in exits:
+                answered = await asyncio.to_thread(self.answers_over_uplink, where)
+                lost[where.name] = 0 if answered else lost[where.name] + 1
+                up = where.name in self.rt.state.gateway_tunnels
+                if answered and not up:
+                    await self.rt.publish(Outgoing("tunnel_up", where.name, exit_pb2.ExitTunnelUp(
+                        role=GATEWAY, peer_id=where.name, endpoint_address=where.address,
+                        endpoint_port=where.port, announced_prefixes=[where.prefix])))
+                    log.info(kv("gateway.exit_up", exit=where.name, announced=where.prefix))
+                elif up and lost[where.name] >= PROBES_LOST:
+                    await self.rt.publish(Outgoing("tunnel_down", where.name,
+                                                   exit_pb2.ExitTunnelDown(
+                        role=GATEWAY, peer_id=where.name,
+                        reason=exit_pb2.TUNNEL_DOWN_REASON_UNRESPONSIVE)))
+                    log.warning(kv("gateway.exit_down", exit=where.name))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.rt.stopping.wait(), self.settings.probe_interval)
+
+    def answers_over_uplink(self, where: ExitAddress) -> bool:
+        """The exit accepts a connection on its registration port through one
+        of our uplinks (never through the mesh: another gateway's route there
+        says nothing about ours)."""
+        for uplink in self.rt.cfg.node.uplinks:
+            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, uplink.encode())
+                sock.settimeout(self.settings.probe_interval)
+                try:
+                    sock.connect((where.address, where.port))
+                except OSError:
+                    continue
+                return True
+        return False
+
+
+class RegistrationServicer(registration_pb2_grpc.ExitRegistrationServicer):
+    def __init__(self, loop: ExitLoop) -> None:
+        self.loop = loop
+
+    async def Offer(self, request: registration_pb2.OfferRequest,
+                    context: grpc.aio.ServicerContext) -> registration_pb2.ExitOffer:
+        return self.loop.offer()
+
+    async def Register(self, request: registration_pb2.RegisterRequest,
+                       context: grpc.aio.ServicerContext) -> exit_pb2.ExitRegistered:
+        answer = await self.loop.register(request)
+        if isinstance(answer, exit_pb2.RegistrationRefused):
+            await context.abort(refusal_status(answer.reason),
+                                f"{exit_pb2.RefusalReason.Name(answer.reason)}: {answer.detail}")
+        assert isinstance(answer, exit_pb2.ExitRegistered)
+        return answer
+
+
+async def exit_loop(rt: ServiceRuntime[exit_pb2.ExitState]) -> None:
+    await rt.context.run()
+
+
+def exit_prefixes(settings: ExitSettings) -> dict[str, str]:
+    return {e.prefix: e.name for e in settings.exit_addresses()}
+
+
+def configure(definition: ServiceDefinition[Any], cfg: NodeConfig) -> ServiceDefinition[Any]:
+    """Handlers closed over the configured exits' addresses."""
+    return dataclasses.replace(
+        definition, handlers=make_handlers(exit_prefixes(cfg.section("exit", ExitSettings))))
+
+
+DEFINITION: ServiceDefinition[Any] = ServiceDefinition(
+    name="exit",
+    state_type=exit_pb2.ExitState,
+    subjects=("evt.exit.registered.>", "evt.exit.selected.>", "evt.exit.tunnel_up.>",
+              "evt.exit.tunnel_down.>", "evt.route.changed.>"),
+    handlers=make_handlers({}),
+    summarize=summarize,
+    tasks=(exit_loop,),
+    context=ExitLoop,
+)

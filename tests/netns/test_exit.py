@@ -1,0 +1,265 @@
+"""Exits and gateways in namespaces: a client three relays from the internet
+registers with the exit, tunnels to it and downloads over HTTP through it;
+the internet sees the exit, relays see only ciphertext; a gateway losing its
+uplink moves the traffic to the other one; a bad registration is refused.
+
+    c - r1 - r2 - g1 - inet - ex
+              \\- g2 -/
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mesh.exit.v1 import exit_pb2, registration_pb2
+from mesh.route.v1 import route_pb2
+
+from deploy.emulator.mesh import EmulatedMesh, clean
+from deploy.emulator.topology import Topology
+from deploy.meshctl import client
+from services.common.identity import Identity
+from services.exit.registration import registration_message
+from tests.conftest import require_root, wait_for
+from tests.netns.babeld import Capture
+from tests.netns.test_route import reaches
+
+pytestmark = [pytest.mark.netns, pytest.mark.emulator]
+
+SERVICES = ("discovery", "link", "route")
+FAST = {"route": {"hello_interval": 1.0}}
+MARKER = b"plaintext-marker-7f3a"
+FILE_BYTES = 4_000_000
+
+TOPOLOGY = {
+    "name": "exits",
+    "node": [
+        {"name": "c", "config": {"exit": {"exits": ["ex"]}}},
+        {"name": "r1"}, {"name": "r2"},
+        {"name": "g1", "role": "gateway"}, {"name": "g2", "role": "gateway"},
+        {"name": "inet", "role": "internet"}, {"name": "ex", "role": "exit"},
+    ],
+    "link": [{"a": "c", "b": "r1"}, {"a": "r1", "b": "r2"}, {"a": "r2", "b": "g1"},
+             {"a": "r2", "b": "g2"}, {"a": "g1", "b": "inet"}, {"a": "g2", "b": "inet"},
+             {"a": "ex", "b": "inet"}],
+}
+
+
+HEALTHY: dict[str, float] = {}
+
+
+class WebServer:
+    """python's http.server on the internet host, serving one file; its log
+    names the address each request came from."""
+
+    def __init__(self, mesh: EmulatedMesh, workdir: Path) -> None:
+        self.root = workdir / "www"
+        self.root.mkdir(parents=True)
+        line = MARKER + b" " + b"x" * 100 + b"\n"
+        (self.root / "file").write_bytes(line * (FILE_BYTES // len(line)))
+        self.log = workdir / "http.log"
+        self.address = mesh.fabric.nodes["inet"].ipv6
+        argv = [sys.executable, "-m", "http.server", "80", "--bind", self.address,
+                "--directory", str(self.root)]
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(mesh.fabric.exec_argv("inet", argv),
+                                            stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def url(self) -> str:
+        return f"http://[{self.address}]/file"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedMesh]:
+    require_root()
+    prefix = f"ex{os.getpid() % 10000}"
+    root = tmp_path_factory.mktemp("exits")
+    emulated = EmulatedMesh(Topology.from_dict(TOPOLOGY), prefix=prefix, root=root,
+                            services=SERVICES, sections=FAST)
+    try:
+        emulated.start()
+        HEALTHY["at"] = time.monotonic()
+        yield emulated
+    finally:
+        emulated.stop()
+        clean(prefix, root)
+
+
+@pytest.fixture(scope="module")
+def web(mesh: EmulatedMesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebServer]:
+    server = WebServer(mesh, tmp_path_factory.mktemp("web"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def exit_state(mesh: EmulatedMesh, node: str) -> exit_pb2.ExitState:
+    state = exit_pb2.ExitState()
+    client.status(mesh.routers[node].layout.socket("exit")).state.Unpack(state)
+    return state
+
+
+def download(mesh: EmulatedMesh, url: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return mesh.fabric.run("c", ["curl", "-sS", "-g", "-o", "/dev/null", "--max-time",
+                                 str(timeout), "-w", "%{size_download}", url], check=False)
+
+
+def exit_uplink_address(mesh: EmulatedMesh) -> str:
+    [link] = mesh.fabric.uplinks("ex", {"inet"})
+    return link.a_ipv6 if link.a == "ex" else link.b_ipv6
+
+
+def gateway_in_use(mesh: EmulatedMesh) -> str:
+    """The neighbor r2's route to the exit's address goes through."""
+    state = route_pb2.RouteState()
+    client.status(mesh.routers["r2"].layout.socket("route")).state.Unpack(state)
+    route = state.routes.get(f"{mesh.fabric.nodes['ex'].ipv6}/128")
+    return route.next_hop_id if route is not None else ""
+
+
+def tunneled(mesh: EmulatedMesh) -> bool:
+    state = exit_state(mesh, "c")
+    return bool(state.selected_exit_id) and state.exits[state.selected_exit_id].tunnel_up
+
+
+def test_a_client_three_relays_away_downloads_through_the_exit(
+    mesh: EmulatedMesh, web: WebServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wait_for("c to register with ex and its tunnel to carry traffic", lambda: tunneled(mesh),
+             timeout=120, explain=lambda: str(exit_state(mesh, "c")))
+    up_after = time.monotonic() - HEALTHY["at"]
+    registration = exit_state(mesh, "c").exits["ex"].registration
+    assert registration.client_addresses
+    on_exit = exit_state(mesh, "ex").clients["c"]
+    assert on_exit.registration.client_addresses == registration.client_addresses
+    # c's default route goes through the tunnel; the mesh's own routes stay.
+    routes = mesh.fabric.run("c", ["ip", "-6", "route", "show", "default"]).stdout
+    assert "proto 78" in routes
+    wait_for("c to reach r2 over the mesh, beside the exit", lambda: reaches(mesh, "c", "r2"))
+    assert " dev mw" in mesh.fabric.run("c", ["ip", "-6", "route", "get",
+                                              mesh.fabric.nodes["r2"].ipv6]).stdout
+
+    capture = Capture(mesh.fabric, "r2", tmp_path, capture_filter="ip6")
+    capture.start()
+    try:
+        wait_for("the capture on r2 to run", capture.capturing, timeout=30)
+        began = time.monotonic()
+        done = download(mesh, web.url)
+        took = time.monotonic() - began
+    finally:
+        capture.stop()
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) >= FILE_BYTES - 200
+    # The internet saw the exit, not the client.
+    requests = web.log.read_text()
+    assert f"{exit_uplink_address(mesh)} - -" in requests, requests
+    # The relay carried the download, and none of it in the clear.
+    captured = capture.file.read_bytes()
+    assert len(captured) > FILE_BYTES
+    assert MARKER not in captured
+    with capsys.disabled():
+        print(f"\n  exit tunnel up {up_after:.1f}s after every service was healthy; "
+              f"{FILE_BYTES / 1e6:.0f} MB "
+              f"through 3 relays and the exit in {took:.1f}s; capture on r2 "
+              f"{len(captured) / 1e6:.1f} MB, no plaintext")
+
+
+def test_a_gateway_losing_its_uplink_moves_traffic_to_the_other(
+    mesh: EmulatedMesh, web: WebServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wait_for("c's exit tunnel", lambda: tunneled(mesh), timeout=120)
+    used = wait_for("r2 to route to the exit through a gateway", lambda: gateway_in_use(mesh))
+    other = "g2" if used == "g1" else "g1"
+    # The internet drops all it exchanges with the gateway, as when the ISP
+    # fails: the gateway keeps its interface and routes, and hears nothing.
+    [uplink] = mesh.fabric.uplinks(used, {"inet"})
+    ifname = uplink.b_ifname if uplink.a == used else uplink.a_ifname
+    mesh.fabric.run("inet", ["nft", "-f", "-"], input=(
+        "table inet isp_down {\n"
+        f'  chain in {{ type filter hook prerouting priority -300; iifname "{ifname}" drop; }}\n'
+        f'  chain out {{ type filter hook postrouting priority 300; oifname "{ifname}" drop; }}\n'
+        "}\n"))
+    cut = time.monotonic()
+    try:
+        wait_for(f"r2 to route the exit through {other}", lambda: gateway_in_use(mesh) == other,
+                 timeout=30)
+        moved = time.monotonic() - cut
+        wait_for("a download to succeed again", lambda: download(mesh, web.url, 20).returncode == 0,
+                 timeout=60)
+        resumed = time.monotonic() - cut
+        assert exit_state(mesh, used).gateway_tunnels.get("ex") is None
+    finally:
+        mesh.fabric.run("inet", ["nft", "delete", "table", "inet", "isp_down"])
+    wait_for(f"{used} to announce the exit again",
+             lambda: "ex" in exit_state(mesh, used).gateway_tunnels, timeout=30)
+    with capsys.disabled():
+        print(f"\n  gateway {used} lost its uplink: routes through {other} after {moved:.1f}s, "
+              f"downloads again after {resumed:.1f}s")
+
+
+def test_a_registration_with_a_bad_signature_is_refused(mesh: EmulatedMesh) -> None:
+    exit_address = mesh.fabric.nodes["ex"].ipv6
+    impostor = Identity.load_or_create(mesh.workdir / "impostor-keys")
+    request = registration_pb2.RegisterRequest(
+        exit_id="ex", client_id="c", identity_key=impostor.identity_key,
+        wireguard_key=impostor.wireguard_public, timestamp_ms=time.time_ns() // 1_000_000)
+    request.signature = impostor.sign(registration_message(request) + b"tampered")
+    stale = registration_pb2.RegisterRequest()
+    stale.CopyFrom(request)
+    stale.timestamp_ms -= 3_600_000
+    stale.signature = impostor.sign(registration_message(stale))
+    # Asked from g1, which reaches the exit over its uplink.
+    script = (
+        "import grpc, sys\n"
+        "from mesh.exit.v1 import registration_pb2, registration_pb2_grpc\n"
+        f"stub = registration_pb2_grpc.ExitRegistrationStub("
+        f"grpc.insecure_channel('[{exit_address}]:50080'))\n"
+        "for raw in sys.stdin.buffer.read().split(b'\\n--\\n'):\n"
+        "    try:\n"
+        "        stub.Register(registration_pb2.RegisterRequest.FromString(raw), timeout=10)\n"
+        "        print('ACCEPTED')\n"
+        "    except grpc.RpcError as err:\n"
+        "        print(err.code().name, err.details())\n")
+    done = subprocess.run(mesh.fabric.exec_argv("g1", [sys.executable, "-c", script]),
+                          input=request.SerializeToString() + b"\n--\n" + stale.SerializeToString(),
+                          capture_output=True, timeout=60)
+    answers = done.stdout.decode().splitlines()
+    assert done.returncode == 0, done.stderr.decode()
+    assert answers[0].startswith("UNAUTHENTICATED REFUSAL_REASON_BAD_SIGNATURE"), answers
+    assert answers[1].startswith("UNAUTHENTICATED REFUSAL_REASON_STALE"), answers
+    # The real c keeps its registration; the impostor got nothing.
+    clients = exit_state(mesh, "ex").clients
+    assert clients["c"].registration.client_identity_key != impostor.identity_key
+    log = (mesh.routers["ex"].layout.log_dir / "exit.log").read_text()
+    assert "exit.refused" in log and "REFUSAL_REASON_BAD_SIGNATURE" in log
+
+
+def test_grpc_refusal_of_a_malformed_registration_names_the_field(mesh: EmulatedMesh) -> None:
+    answers = subprocess.run(mesh.fabric.exec_argv("g2", [
+        sys.executable, "-c",
+        "import grpc\n"
+        "from mesh.exit.v1 import registration_pb2, registration_pb2_grpc\n"
+        f"stub = registration_pb2_grpc.ExitRegistrationStub(grpc.insecure_channel("
+        f"'[{mesh.fabric.nodes['ex'].ipv6}]:50080'))\n"
+        "try:\n"
+        "    stub.Register(registration_pb2.RegisterRequest(exit_id='ex', client_id='z',"
+        " identity_key=b'short'), timeout=10)\n"
+        "except grpc.RpcError as err:\n"
+        "    print(err.code().name, err.details())\n"]), capture_output=True, text=True,
+        timeout=60)
+    assert answers.stdout.startswith(
+        "INVALID_ARGUMENT REFUSAL_REASON_MALFORMED: identity_key is 5 bytes"), answers
