@@ -1,0 +1,150 @@
+"""exit's pure rules: what an exit admits, which address a client gets, how a
+client picks an exit, the projection, and the settings' errors (the live
+tests are in tests/netns/test_exit.py)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from mesh.exit.v1 import exit_pb2, registration_pb2
+from mesh.route.v1 import route_pb2
+
+from services.common.config import ConfigError
+from services.common.identity import Identity
+from services.common.money import money
+from services.exit.handlers import make_handlers
+from services.exit.registration import (
+    Candidate,
+    addresses_for,
+    check_request,
+    choose,
+    registration_message,
+)
+from services.exit.service import ExitAddress, ExitSettings
+from tests.unit.events import event
+
+NOW = 1_800_000_000_000
+WINDOW = 300_000
+POOL = "fd64:0:0:1::/126"  # room for two clients
+
+
+def signed(identity: Identity, **fields: object) -> registration_pb2.RegisterRequest:
+    request = registration_pb2.RegisterRequest(
+        exit_id="ex", client_id="c", identity_key=identity.identity_key,
+        wireguard_key=identity.wireguard_public, timestamp_ms=NOW)
+    for name, value in fields.items():
+        setattr(request, name, value)
+    request.signature = identity.sign(registration_message(request))
+    return request
+
+
+@pytest.fixture
+def identity(tmp_path: Path) -> Identity:
+    return Identity.load_or_create(tmp_path / "keys")
+
+
+def reason(request: registration_pb2.RegisterRequest) -> str:
+    refusal = check_request(request, "ex", NOW, WINDOW)
+    return "admitted" if refusal is None else exit_pb2.RefusalReason.Name(refusal.reason)
+
+
+def test_a_signed_fresh_request_for_this_exit_is_admitted(identity: Identity) -> None:
+    assert reason(signed(identity)) == "admitted"
+    assert reason(signed(identity, timestamp_ms=NOW - WINDOW + 1)) == "admitted"
+
+
+def test_bad_requests_are_refused_with_what_was_wrong(identity: Identity, tmp_path: Path) -> None:
+    tampered = signed(identity)
+    tampered.client_id = "someone-else"
+    assert reason(tampered) == "REFUSAL_REASON_BAD_SIGNATURE"
+    other = Identity.load_or_create(tmp_path / "other")
+    forged = signed(identity)
+    forged.signature = other.sign(registration_message(forged))
+    assert reason(forged) == "REFUSAL_REASON_BAD_SIGNATURE"
+    assert reason(signed(identity, timestamp_ms=NOW - WINDOW - 1)) == "REFUSAL_REASON_STALE"
+    assert reason(signed(identity, exit_id="other-exit")) == "REFUSAL_REASON_MALFORMED"
+    short = signed(identity, wireguard_key=b"\x01" * 5)
+    refusal = check_request(short, "ex", NOW, WINDOW)
+    assert refusal is not None and refusal.detail == "wireguard_key is 5 bytes, not 32"
+    assert reason(signed(identity, client_id="")) == "REFUSAL_REASON_MALFORMED"
+
+
+def registered(client_id: str, key: bytes, addresses: list[str]) -> exit_pb2.ExitRegistered:
+    return exit_pb2.ExitRegistered(role=exit_pb2.EXIT_ROLE_EXIT, exit_id="ex", client_id=client_id,
+                                   client_identity_key=key, client_addresses=addresses)
+
+
+def test_clients_get_the_lowest_free_address_and_keep_it() -> None:
+    handlers = make_handlers({})
+    state = exit_pb2.ExitState()
+    first = addresses_for(state, "a", b"A", POOL)
+    assert first == ["fd64:0:0:1::2/128"]
+    handlers[exit_pb2.ExitRegistered](state, event(registered("a", b"A", first)))
+    assert addresses_for(state, "a", b"A", POOL) == first  # registering again
+    assert addresses_for(state, "a", b"someone else", POOL) is None  # the id is taken
+    second = addresses_for(state, "b", b"B", POOL)
+    assert second == ["fd64:0:0:1::3/128"]
+    handlers[exit_pb2.ExitRegistered](state, event(registered("b", b"B", second)))
+    assert addresses_for(state, "c", b"C", POOL) is None  # the pool is full
+
+
+def test_the_exit_is_chosen_by_route_quality_then_price() -> None:
+    near_dear = Candidate("near", metric=288, price=9)
+    near_cheap = Candidate("cheap", metric=288 + 96, price=3)
+    far_cheapest = Candidate("far", metric=288 + 200, price=1)
+    assert choose([near_dear, near_cheap, far_cheapest], set()).exit_id == "cheap"
+    # An exit that just failed is used only when nothing else is left.
+    assert choose([near_dear, near_cheap], {"cheap"}).exit_id == "near"
+    assert choose([near_cheap], {"cheap"}).exit_id == "cheap"
+    assert choose([], set()) is None
+
+
+def test_the_client_projection_follows_routes_selection_and_tunnels() -> None:
+    handlers = make_handlers({"2001:db8::8/128": "ex"})
+    state = exit_pb2.ExitState()
+    handlers[route_pb2.RouteChanged](state, event(route_pb2.RouteChanged(
+        prefix="2001:db8::8/128", metric=300, next_hop_id="r1", path_price=money(7),
+        change=route_pb2.ROUTE_CHANGE_SELECTED)))
+    handlers[route_pb2.RouteChanged](state, event(route_pb2.RouteChanged(
+        prefix="2001:db8::9/128", metric=96, change=route_pb2.ROUTE_CHANGE_SELECTED)))
+    assert list(state.exits) == ["ex"] and state.exits["ex"].route.metric == 300
+    handlers[exit_pb2.ExitSelected](state, event(exit_pb2.ExitSelected(exit_id="ex")))
+    handlers[exit_pb2.ExitTunnelUp](state, event(exit_pb2.ExitTunnelUp(
+        role=exit_pb2.EXIT_ROLE_CLIENT, peer_id="ex")))
+    assert state.exits["ex"].tunnel_up
+    handlers[exit_pb2.ExitTunnelDown](state, event(exit_pb2.ExitTunnelDown(
+        role=exit_pb2.EXIT_ROLE_CLIENT, peer_id="ex")))
+    assert not state.exits["ex"].tunnel_up and state.selected_exit_id == ""
+    handlers[route_pb2.RouteChanged](state, event(route_pb2.RouteChanged(
+        prefix="2001:db8::8/128", change=route_pb2.ROUTE_CHANGE_RETRACTED)))
+    assert not state.exits["ex"].HasField("route")
+
+
+def test_a_gateway_keeps_the_exits_it_announces() -> None:
+    handlers = make_handlers({})
+    state = exit_pb2.ExitState()
+    up = exit_pb2.ExitTunnelUp(role=exit_pb2.EXIT_ROLE_GATEWAY, peer_id="ex",
+                               announced_prefixes=["2001:db8::8/128"])
+    handlers[exit_pb2.ExitTunnelUp](state, event(up))
+    assert list(state.gateway_tunnels["ex"].announced_prefixes) == ["2001:db8::8/128"]
+    handlers[exit_pb2.ExitTunnelDown](state, event(exit_pb2.ExitTunnelDown(
+        role=exit_pb2.EXIT_ROLE_GATEWAY, peer_id="ex")))
+    assert "ex" not in state.gateway_tunnels
+
+
+def test_exit_addresses_parse_and_bad_ones_say_why() -> None:
+    assert ExitAddress.parse("ex=[2001:db8::8]:6000", 50080) == ExitAddress(
+        "ex", "2001:db8::8", 6000)
+    assert ExitAddress.parse("ex=[2001:db8::8]", 50080).port == 50080
+    for spec, words in (("2001:db8::8", "want NAME=[ADDRESS]:PORT"),
+                        ("ex=[not-an-address]", "is not an IPv6 address"),
+                        ("ex=[2001:db8::8]x", "bad port"),
+                        ("ex=[2001:db8::8]:70000", "out of range")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            ExitAddress.parse(spec, 50080)
+    with pytest.raises(ConfigError, match="client_pool"):
+        ExitSettings(client_pool="fd64::/200")
+    with pytest.raises(ConfigError, match="liveness_seconds"):
+        ExitSettings(liveness_seconds=1)
