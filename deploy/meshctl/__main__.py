@@ -267,7 +267,8 @@ def cmd_exits(args: argparse.Namespace) -> int:
     node = resolve_node(args.node)
     if "exit" not in node.services:
         raise NodeError(f"node {node.config.node.id} runs no exit service")
-    headers = ["role", "peer", "state", "addresses", "metric", "price_up", "price_down"]
+    headers = ["role", "peer", "state", "addresses", "metric", "price_up", "price_down",
+               "bytes_up", "bytes_down", "owed_wei"]
     print_rows(client.exit_rows(node), headers, args.json,
                "no exits, clients or announced exits yet")
     return 0

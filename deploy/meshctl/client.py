@@ -300,6 +300,8 @@ def exit_rows(node: Node) -> list[dict[str, object]]:
             + (", tunnel up" if known.tunnel_up else ""),
             "addresses": ",".join(registration.client_addresses) or "-",
             "metric": known.route.metric if known.HasField("route") else "-",
+            "bytes_up": known.bytes_up, "bytes_down": known.bytes_down,
+            "owed_wei": amount(known.balance.usage_charged),
             "price_up": amount(registration.price_up),
             "price_down": amount(registration.price_down),
         })
@@ -309,12 +311,15 @@ def exit_rows(node: Node) -> list[dict[str, object]]:
             "role": "exit", "peer": client_id,
             "state": "tunnel up" if admitted.tunnel_up else "registered",
             "addresses": ",".join(registration.client_addresses), "metric": "-",
+            "bytes_up": admitted.bytes_up, "bytes_down": admitted.bytes_down,
+            "owed_wei": amount(admitted.balance.usage_charged),
             "price_up": amount(registration.price_up),
             "price_down": amount(registration.price_down),
         })
     for exit_id, up in sorted(state.gateway_tunnels.items()):
         rows.append({"role": "gateway", "peer": exit_id, "state": "announced",
                      "addresses": ",".join(up.announced_prefixes), "metric": "-",
+                     "bytes_up": "-", "bytes_down": "-", "owed_wei": "-",
                      "price_up": "-", "price_down": "-"})
     return rows
 

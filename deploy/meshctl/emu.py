@@ -137,6 +137,35 @@ def route_rows(emulated: mesh_mod.EmulatedMesh) -> list[list[object]]:
     return rows
 
 
+EXIT_HEADERS = ["router", "exits: role peer (state, bytes both ways, owed for them)"]
+
+
+def exit_rows(emulated: mesh_mod.EmulatedMesh) -> list[list[object]]:
+    """Per router running exit: the exit a client uses, an exit's clients, the
+    exits a gateway announces."""
+    rows: list[list[object]] = []
+    for name, router in emulated.routers.items():
+        if not _serving(router, "exit"):
+            continue
+        cells = [f"{r['role']} {r['peer']} ({r['state']}"
+                 + (f", {_short(int(r['bytes_up']) + int(r['bytes_down'])).lstrip('+')} B, "
+                    f"owes {_short(int(r['owed_wei'])).lstrip('+')} wei)"
+                    if r["role"] != "gateway" else ")")
+                 for r in client.exit_rows(client.Node.open(router.layout.root))]
+        rows.append([name, "; ".join(cells) or "-"])
+    return rows
+
+
+def _exit_tunnels_up(emulated: mesh_mod.EmulatedMesh) -> tuple[int, int]:
+    """Clients whose exit tunnel carries traffic, of the routers told to use exits."""
+    clients = [r for r in emulated.routers.values()
+               if "exit" in r.services and r.config.get("exit", {}).get("exits")]
+    done = sum(1 for r in clients if any(
+        row["role"] == "client" and "tunnel up" in str(row["state"])
+        for row in client.exit_rows(client.Node.open(r.layout.root))) if _serving(r, "exit"))
+    return done, len(clients)
+
+
 def _payments(router: mesh_mod.RouterNode) -> tuple[int, int, int]:
     """Wei the router paid and received, and its open channels (pay's summary)."""
     summary = client.status(router.layout.socket("pay")).summary
@@ -289,6 +318,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _wait_stage("links up (each end)", lambda: _links_up(emulated), timeout=120)
     _wait_stage("routes converged", lambda: _routes_converged(emulated), timeout=120)
     _wait_stage("payment channels open", lambda: _channels_open(emulated), timeout=120)
+    if _exit_tunnels_up(emulated)[1]:
+        _wait_stage("clients tunneled to an exit", lambda: _exit_tunnels_up(emulated),
+                    timeout=120)
     traffic = [_ping_forever(router, args.ping_rate) for router in emulated.routers.values()
                if "sharp" in router.services]
     _progress(f"traffic: {args.ping_rate:g} pings/s into sharp on {len(traffic)} routers")
@@ -309,6 +341,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       f"(Ctrl-C to stop)\n{table(STATUS_HEADERS, rows)}", flush=True)
                 if routes:
                     print(table(ROUTE_HEADERS, routes), flush=True)
+                exits = exit_rows(emulated)
+                if exits:
+                    print(table(EXIT_HEADERS, exits), flush=True)
                 time.sleep(1.0)
     except KeyboardInterrupt:
         print()
@@ -327,6 +362,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     routes = route_rows(emulated)
     if routes:
         print(table(ROUTE_HEADERS, routes))
+    exits = exit_rows(emulated)
+    if exits:
+        print(table(EXIT_HEADERS, exits))
     paid, received = payment_totals(emulated)
     print(f"payments: {paid} wei paid and {received} wei received across the mesh "
           f"({paid - received} wei in flight)")

@@ -13,6 +13,7 @@ from mesh.exit.v1 import exit_pb2
 from mesh.route.v1 import route_pb2
 
 from services.common.envelope import Event, MalformedEvent
+from services.common.money import MoneyError, amount, money
 from services.common.runtime import Handler, Outgoing
 
 EXIT, CLIENT, GATEWAY = (exit_pb2.EXIT_ROLE_EXIT, exit_pb2.EXIT_ROLE_CLIENT,
@@ -65,6 +66,35 @@ def on_tunnel_down(
     return []
 
 
+def on_usage(state: exit_pb2.ExitState, event: Event[exit_pb2.ClientUsageMetered]
+             ) -> list[Outgoing]:
+    """Totals, the counters' new base, and the balance: what the client owes
+    the exit for its usage so far (payments are not counted yet)."""
+    used = event.payload
+    record: exit_pb2.ExitState.Client | exit_pb2.ExitState.Exit
+    if used.role == EXIT:
+        record = state.clients[used.client_id]
+    elif used.role == CLIENT:
+        record = state.exits[used.exit_id]
+    else:
+        raise MalformedEvent(f"usage in role {used.role}")
+    try:
+        charged = amount(used.charged)
+        total = amount(record.balance.usage_charged) + charged
+        payments = amount(record.balance.payments)
+    except MoneyError as err:
+        raise MalformedEvent(f"usage of {used.client_id} at {used.exit_id}: {err}") from None
+    record.bytes_up += used.bytes_up
+    record.bytes_down += used.bytes_down
+    record.up_counter, record.down_counter = used.bytes_up_counter, used.bytes_down_counter
+    balance = record.balance
+    balance.role, balance.exit_id, balance.client_id = used.role, used.exit_id, used.client_id
+    balance.usage_charged.CopyFrom(money(total))
+    balance.debt.CopyFrom(money(max(0, total - payments)))
+    balance.credit.CopyFrom(money(max(0, payments - total)))
+    return []
+
+
 def make_handlers(exit_prefixes: Mapping[str, str]) -> Mapping[type[Message], Handler[Any]]:
     """exit_prefixes: the configured exits' addresses (as route names them,
     a /128) to their ids; routes to other prefixes are not ours to keep."""
@@ -89,6 +119,7 @@ def make_handlers(exit_prefixes: Mapping[str, str]) -> Mapping[type[Message], Ha
         exit_pb2.ExitSelected: on_selected,
         exit_pb2.ExitTunnelUp: on_tunnel_up,
         exit_pb2.ExitTunnelDown: on_tunnel_down,
+        exit_pb2.ClientUsageMetered: on_usage,
         route_pb2.RouteChanged: on_route_changed,
     }
 

@@ -111,3 +111,22 @@ def choose(candidates: list[Candidate], avoid: set[str]) -> Candidate | None:
     best = min(c.metric for c in usable)
     close = [c for c in usable if c.metric <= best + NOMINAL_LINK_COST]
     return min(close, key=lambda c: (c.price, c.metric, c.exit_id))
+
+
+@dataclass(frozen=True)
+class Usage:
+    bytes_up: int
+    bytes_down: int
+    charged: int
+    reset: bool
+
+
+def usage_since(base: tuple[int, int], counters: tuple[int, int],
+                prices: tuple[int, int]) -> Usage:
+    """Bytes up and down since the last reading of a tunnel's counters, and
+    what they cost. Counters that went back (the tunnel was made again)
+    count from zero."""
+    reset = counters[0] < base[0] or counters[1] < base[1]
+    start = (0, 0) if reset else base
+    up, down = counters[0] - start[0], counters[1] - start[1]
+    return Usage(up, down, up * prices[0] + down * prices[1], reset)

@@ -44,6 +44,7 @@ from .registration import (
     choose,
     exit_address,
     registration_message,
+    usage_since,
 )
 
 log = logging.getLogger("exit")
@@ -120,6 +121,8 @@ class ExitSettings:
                 "each NAME=[ADDRESS]:PORT"})
     probe_interval: float = field(default=1.0, metadata={
         "help": "seconds between a gateway's checks that its exits answer"})
+    sample_interval: float = field(default=2.0, metadata={
+        "help": "seconds between readings of the exit tunnels' byte counters (billing)"})
 
     def __post_init__(self) -> None:
         try:
@@ -174,6 +177,7 @@ class ExitLoop:
         self.avoid: dict[str, float] = {}
         self.client_tunnel = ""
         self.last_received = (0, 0.0)
+        self.last_sampled = 0.0
 
     def offer(self) -> registration_pb2.ExitOffer:
         return registration_pb2.ExitOffer(
@@ -227,7 +231,7 @@ class ExitLoop:
             while not self.rt.stopping.is_set():
                 await self.watch_clients()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.rt.stopping.wait(), 1.0)
+                    await asyncio.wait_for(self.rt.stopping.wait(), self.settings.sample_interval)
         finally:
             await server.stop(0.5)
 
@@ -237,7 +241,9 @@ class ExitLoop:
         peers = await asyncio.to_thread(self.tunnels.peer_transfer, self.exit_interface)
         for client_id, client in list(self.rt.state.clients.items()):
             key = effects.b64(client.registration.client_wireguard_key)
-            handshake = peers.get(key, (0, 0, 0))[0]
+            handshake, received, sent = peers.get(key, (0, 0, 0))
+            await self.meter(EXIT, self.rt.node_id, client_id, client, (received, sent),
+                             client.registration)
             # WireGuard renews the handshake every 2 minutes while traffic flows.
             alive = handshake > 0 and time.time() - handshake < 180
             if alive and not client.tunnel_up:
@@ -251,6 +257,23 @@ class ExitLoop:
                     role=EXIT, peer_id=client_id, tunnel_interface=self.exit_interface,
                     reason=exit_pb2.TUNNEL_DOWN_REASON_UNRESPONSIVE)))
                 log.info(kv("exit.client_down", client=client_id))
+
+    async def meter(self, role: exit_pb2.ExitRole, exit_id: str, client_id: str,
+                    record: exit_pb2.ExitState.Client | exit_pb2.ExitState.Exit,
+                    counters: tuple[int, int], registration: exit_pb2.ExitRegistered) -> None:
+        """A ClientUsageMetered for the bytes since the last reading, if any:
+        up is what the client sent, down what the exit sent it."""
+        used = usage_since((record.up_counter, record.down_counter), counters,
+                           (amount(registration.price_up), amount(registration.price_down)))
+        if not (used.bytes_up or used.bytes_down or used.reset):
+            return
+        metered = exit_pb2.ClientUsageMetered(
+            role=role, exit_id=exit_id, client_id=client_id, bytes_up=used.bytes_up,
+            bytes_down=used.bytes_down, charged=money(used.charged),
+            bytes_up_counter=counters[0], bytes_down_counter=counters[1],
+            counters_reset=used.reset)
+        metered.period_end.GetCurrentTime()
+        await self.rt.publish(Outgoing("usage", client_id if role == EXIT else exit_id, metered))
 
     async def register(self, request: registration_pb2.RegisterRequest
                        ) -> exit_pb2.ExitRegistered | exit_pb2.RegistrationRefused:
@@ -331,8 +354,13 @@ class ExitLoop:
     async def check_liveness(self, exit_id: str, name: str) -> None:
         assert self.tunnels is not None
         transfer = await asyncio.to_thread(self.tunnels.received, name)
-        received = transfer[0] if transfer else 0
+        received, sent = transfer if transfer else (0, 0)
         now = time.monotonic()
+        if transfer and now - self.last_sampled >= self.settings.sample_interval:
+            self.last_sampled = now
+            known = self.rt.state.exits[exit_id]
+            await self.meter(CLIENT, exit_id, self.rt.node_id, known, (sent, received),
+                             known.registration)
         if received != self.last_received[0]:
             self.last_received = (received, now)
             if not self.rt.state.exits[exit_id].tunnel_up:
@@ -500,7 +528,7 @@ DEFINITION: ServiceDefinition[Any] = ServiceDefinition(
     name="exit",
     state_type=exit_pb2.ExitState,
     subjects=("evt.exit.registered.>", "evt.exit.selected.>", "evt.exit.tunnel_up.>",
-              "evt.exit.tunnel_down.>", "evt.route.changed.>"),
+              "evt.exit.tunnel_down.>", "evt.exit.usage.>", "evt.route.changed.>"),
     handlers=make_handlers({}),
     summarize=summarize,
     tasks=(exit_loop,),

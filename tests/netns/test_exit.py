@@ -24,6 +24,7 @@ from deploy.emulator.mesh import EmulatedMesh, clean
 from deploy.emulator.topology import Topology
 from deploy.meshctl import client
 from services.common.identity import Identity
+from services.common.money import amount
 from services.exit.registration import registration_message
 from tests.conftest import require_root, wait_for
 from tests.netns.babeld import Capture
@@ -171,11 +172,33 @@ def test_a_client_three_relays_away_downloads_through_the_exit(
     captured = capture.file.read_bytes()
     assert len(captured) > FILE_BYTES
     assert MARKER not in captured
+    # Both ends meter the tunnel and bill it at the exit's prices. What the
+    # exit sent and the client never received (lost on the way, then sent
+    # again by TCP) is on the exit's bill only: within 10% here.
+    def metered() -> tuple[exit_pb2.ExitState.Client, exit_pb2.ExitState.Exit]:
+        return exit_state(mesh, "ex").clients["c"], exit_state(mesh, "c").exits["ex"]
+
+    def agree() -> bool:
+        on_exit, on_client = metered()
+        return (on_client.bytes_down >= FILE_BYTES and
+                0.9 * amount(on_exit.balance.usage_charged)
+                <= amount(on_client.balance.usage_charged)
+                <= 1.01 * amount(on_exit.balance.usage_charged))
+
+    wait_for("the exit's and the client's bills to agree", agree, timeout=30,
+             explain=lambda: str(metered()))
+    on_exit, on_client = metered()
+    prices = on_exit.registration
+    assert amount(on_exit.balance.usage_charged) == (
+        on_exit.bytes_up * amount(prices.price_up) + on_exit.bytes_down * amount(prices.price_down))
     with capsys.disabled():
         print(f"\n  exit tunnel up {up_after:.1f}s after every service was healthy; "
               f"{FILE_BYTES / 1e6:.0f} MB "
               f"through 3 relays and the exit in {took:.1f}s; capture on r2 "
-              f"{len(captured) / 1e6:.1f} MB, no plaintext")
+              f"{len(captured) / 1e6:.1f} MB, no plaintext; billed {on_exit.bytes_down} B down, "
+              f"{on_exit.bytes_up} B up, exit and client "
+              f"{amount(on_exit.balance.usage_charged)} and "
+              f"{amount(on_client.balance.usage_charged)} wei")
 
 
 def test_a_gateway_losing_its_uplink_moves_traffic_to_the_other(

@@ -13,14 +13,16 @@ from mesh.route.v1 import route_pb2
 
 from services.common.config import ConfigError
 from services.common.identity import Identity
-from services.common.money import money
+from services.common.money import amount, money
 from services.exit.handlers import make_handlers
 from services.exit.registration import (
     Candidate,
+    Usage,
     addresses_for,
     check_request,
     choose,
     registration_message,
+    usage_since,
 )
 from services.exit.service import ExitAddress, ExitSettings
 from tests.unit.events import event
@@ -148,3 +150,25 @@ def test_exit_addresses_parse_and_bad_ones_say_why() -> None:
         ExitSettings(client_pool="fd64::/200")
     with pytest.raises(ConfigError, match="liveness_seconds"):
         ExitSettings(liveness_seconds=1)
+
+
+def test_usage_is_billed_from_counter_deltas_at_both_prices() -> None:
+    assert usage_since((100, 1000), (150, 1400), (2, 3)) == Usage(50, 400, 50 * 2 + 400 * 3,
+                                                                  reset=False)
+    # The tunnel was made again: its counters start over.
+    assert usage_since((100, 1000), (30, 40), (2, 3)) == Usage(30, 40, 180, reset=True)
+
+
+def test_a_clients_usage_adds_up_to_its_debt_on_either_side() -> None:
+    handlers = make_handlers({})
+    state = exit_pb2.ExitState()
+    for role in (exit_pb2.EXIT_ROLE_EXIT, exit_pb2.EXIT_ROLE_CLIENT):
+        for charged in (500, 700):
+            handlers[exit_pb2.ClientUsageMetered](state, event(exit_pb2.ClientUsageMetered(
+                role=role, exit_id="ex", client_id="c", bytes_up=10, bytes_down=20,
+                charged=money(charged), bytes_up_counter=99, bytes_down_counter=199)))
+    for record in (state.clients["c"], state.exits["ex"]):
+        assert (record.bytes_up, record.bytes_down) == (20, 40)
+        assert (record.up_counter, record.down_counter) == (99, 199)
+        assert amount(record.balance.usage_charged) == 1200
+        assert amount(record.balance.debt) == 1200
