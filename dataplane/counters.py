@@ -269,9 +269,14 @@ class UsageKey(NamedTuple):
 
 
 def render_forget(keys: Iterable[UsageKey]) -> str:
-    """Deletes these counter elements."""
+    """Deletes these counter elements, but for those of the router's own
+    traffic: the kernel keys it with an empty in-interface, which nft has no
+    way to write (it refuses ""), and one such key would fail the whole batch.
+    They stay, no longer counting, until the table is made again."""
     by_set: dict[str, list[str]] = {}
     for key in keys:
+        if not key.inside or not key.outside:
+            continue
         by_set.setdefault(key.set_name, []).append(
             f'"{key.inside}" . "{key.outside}" . {key.address} . {key.length}')
     return "".join(
@@ -484,11 +489,12 @@ class Counters:
         (neighbor,) = check_ifnames([neighbor])
         with self._lock:
             keys = self.snapshot().elements(neighbor)
-            if keys:
-                self._nft.run(render_forget(keys))
+            script = render_forget(keys)
+            if script:
+                self._nft.run(script)
             return len(keys)
 
     def _delete_stale(self) -> None:
-        stale = self.snapshot().stale()
-        if stale:
-            self._nft.run(render_forget(stale))
+        script = render_forget(self.snapshot().stale())
+        if script:
+            self._nft.run(script)

@@ -129,10 +129,14 @@ def route_rows(emulated: mesh_mod.EmulatedMesh) -> list[list[object]]:
                 client.health(router.layout.socket("route")) != "SERVING":
             continue
         node = client.Node.open(router.layout.root)
+        try:
+            routes = client.route_rows(node)
+            penalized = client.status(node.socket("route")).summary["penalized"]
+        except client.NodeError:
+            continue
         cells = [f"{names[r['prefix']]}>{r['via']}"
                  f"({r['metric']},{_short(int(r['path_price'])).lstrip('+')})"
-                 for r in client.route_rows(node) if r["prefix"] in names]
-        penalized = client.status(node.socket("route")).summary["penalized"]
+                 for r in routes if r["prefix"] in names]
         rows.append([name, " ".join(sorted(cells)) or "-", penalized])
     return rows
 
@@ -147,11 +151,15 @@ def exit_rows(emulated: mesh_mod.EmulatedMesh) -> list[list[object]]:
     for name, router in emulated.routers.items():
         if not _serving(router, "exit"):
             continue
+        try:
+            listed = client.exit_rows(client.Node.open(router.layout.root))
+        except client.NodeError:
+            continue
         cells = [f"{r['role']} {r['peer']} ({r['state']}"
                  + (f", {_short(int(r['bytes_up']) + int(r['bytes_down'])).lstrip('+')} B, "
                     f"owes {_short(int(r['owed_wei'])).lstrip('+')} wei)"
                     if r["role"] != "gateway" else ")")
-                 for r in client.exit_rows(client.Node.open(router.layout.root))]
+                 for r in listed]
         rows.append([name, "; ".join(cells) or "-"])
     return rows
 
@@ -294,7 +302,10 @@ def meter_ledgers(emulated: mesh_mod.EmulatedMesh) -> dict[str, dict[str, Ledger
     for name, router in emulated.routers.items():
         if _serving(router, "meter"):
             state = meter_pb2.MeterState()
-            client.status(router.layout.socket("meter")).state.Unpack(state)
+            try:
+                client.status(router.layout.socket("meter")).state.Unpack(state)
+            except client.NodeError:
+                continue  # restarting just now: no ledger this time
             ledgers[name] = {n: ledger_from(lg) for n, lg in state.ledgers.items()}
     return ledgers
 

@@ -119,6 +119,9 @@ class ExitSettings:
     gateway_exits: tuple[str, ...] = field(default=(), metadata={
         "help": "exits this gateway announces into Babel while they answer over an uplink, "
                 "each NAME=[ADDRESS]:PORT"})
+    gateway_metric: int = field(default=192, metadata={
+        "help": "metric a gateway announces its exits at: the links beyond it, 96 each "
+                "(its uplink and the internet's link to the exit)"})
     probe_interval: float = field(default=1.0, metadata={
         "help": "seconds between a gateway's checks that its exits answer"})
     sample_interval: float = field(default=2.0, metadata={
@@ -134,6 +137,8 @@ class ExitSettings:
         for port_field in ("registration_port", "tunnel_port"):
             if not 1 <= getattr(self, port_field) <= 65535:
                 raise ConfigError(f"[exit] {port_field} must be 1-65535")
+        if not 0 <= self.gateway_metric < 0xFFFF:
+            raise ConfigError("[exit] gateway_metric must be in 0..65534")
         if self.price_up < 0 or self.price_down < 0:
             raise ConfigError("[exit] prices must not be negative")
         if self.liveness_seconds <= 2 * effects.KEEPALIVE_SECONDS:
@@ -465,7 +470,8 @@ class ExitLoop:
                 if answered and not up:
                     await self.rt.publish(Outgoing("tunnel_up", where.name, exit_pb2.ExitTunnelUp(
                         role=GATEWAY, peer_id=where.name, endpoint_address=where.address,
-                        endpoint_port=where.port, announced_prefixes=[where.prefix])))
+                        endpoint_port=where.port, announced_prefixes=[where.prefix],
+                        announced_metric=self.settings.gateway_metric)))
                     log.info(kv("gateway.exit_up", exit=where.name, announced=where.prefix))
                 elif up and lost[where.name] >= PROBES_LOST:
                     await self.rt.publish(Outgoing("tunnel_down", where.name,

@@ -117,8 +117,10 @@ def on_exit_tunnel_up(
                 network(prefix)
             except ValueError as err:
                 raise MalformedEvent(f"exit {up.peer_id}: announced prefix: {err}") from None
-        state.announced[up.peer_id].CopyFrom(
-            route_pb2.RouteState.Announced(prefixes=up.announced_prefixes))
+        if up.announced_metric >= INFINITY:
+            raise MalformedEvent(f"exit {up.peer_id}: announced at infinite metric")
+        state.announced[up.peer_id].CopyFrom(route_pb2.RouteState.Announced(
+            prefixes=up.announced_prefixes, metric=up.announced_metric))
     return []
 
 

@@ -279,12 +279,13 @@ class RouteLoop:
             self.loopback = (await self.kernel_thread.run(self.kernel.loopback_prefixes)
                              if self.settings.originate_loopback else [])
         # A gateway's exits go as soon as they become unreachable (every tick).
-        announced = sorted({p for a in self.rt.state.announced.values() for p in a.prefixes})
-        own = list(self.settings.originate) + self.loopback + announced
+        metrics = {p: a.metric for a in self.rt.state.announced.values() for p in a.prefixes}
+        own = list(self.settings.originate) + self.loopback + sorted(metrics)
         if own != self.own_prefixes:
             self.own_prefixes = own
             log.info(kv("route.originate", prefixes=",".join(own) or "-"))
-        self.speaker.originate(network(p) for p in own)
+        self.speaker.originate((network(p) for p in own),
+                               {network(p): m for p, m in metrics.items()})
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

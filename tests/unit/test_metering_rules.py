@@ -160,6 +160,14 @@ def test_forget_deletes_keys_set_by_set() -> None:
     assert render_forget([]) == ""
 
 
+def test_forget_leaves_the_routers_own_traffic_which_nft_cannot_name() -> None:
+    own = UsageKey("", "mw1", "u6_2", 6, "2001:db8:8::1", 128, None)
+    other = UsageKey("v-a", "mw1", "u6_2", 6, "2001:db8:8::1", 128, None)
+    assert render_forget([own, other]) == (
+        'delete element inet mesh_meter u6_2 { "v-a" . "mw1" . 2001:db8:8::1 . 128 }\n')
+    assert render_forget([own]) == ""
+
+
 # -- the dump layout (meshdp_usage_dump) -------------------------------------------------
 
 

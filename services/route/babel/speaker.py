@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address, ip_address
 
@@ -94,6 +94,7 @@ class Speaker:
         self.interfaces: dict[str, _Interface] = {}
         self.neighbors: dict[str, Neighbor] = {}  # by "interface/address"
         self.own: set[Network] = set()
+        self.own_metrics: dict[Network, int] = {}
         self.penalties: dict[str, int | None] = {}  # by neighbor key
         self.selected: dict[Network, Selected] = {}
         self.stats = Stats()
@@ -124,8 +125,16 @@ class Speaker:
                 interface.pending.append(RouteRequest(None))
                 interface.next_update = now
 
-    def originate(self, prefixes: Iterable[Network]) -> None:
+    def originate(self, prefixes: Iterable[Network],
+                  metrics: Mapping[Network, int] | None = None) -> None:
+        """Announce prefixes as ours: at metric 0, or at `metrics`' (a gateway's
+        exit lies links beyond it)."""
         prefixes = set(prefixes)
+        metrics = dict(metrics or {})
+        if metrics != self.own_metrics:
+            self.triggered |= set(metrics) ^ set(self.own_metrics) | {
+                p for p in metrics if metrics[p] != self.own_metrics.get(p)}
+            self.own_metrics = metrics
         if prefixes != self.own:
             self.triggered |= prefixes ^ self.own
             self.dirty |= prefixes ^ self.own
@@ -258,7 +267,8 @@ class Speaker:
             self.interfaces[interface].pending.extend(messages)
 
     def _own_update(self, prefix: Network) -> Update:
-        return Update(prefix, self.router_id, self.seqno, 0, int(self.update_interval * 100),
+        return Update(prefix, self.router_id, self.seqno, self.own_metrics.get(prefix, 0),
+                      int(self.update_interval * 100),
                       price=self.own_price, v4_via_v6=prefix.version == 4)
 
     def _updates(self, prefixes: Iterable[Network] | None, interface: str | None = None
