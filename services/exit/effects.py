@@ -55,6 +55,34 @@ def install_nat(uplinks: tuple[str, ...]) -> None:
     log.info(kv("nat.installed", uplinks=",".join(uplinks)))
 
 
+BLOCK_TABLE = "inet mesh_exit"
+
+
+def install_blocklist() -> None:
+    """The exit's cut-off: what its clients in set `blocked` send is not
+    forwarded, nor is anything sent to them. They still reach the exit itself
+    (their balance proofs), so paying lets them back. Made afresh: the
+    service fills the set from its projection."""
+    Nft().run(
+        f"table {BLOCK_TABLE} {{}}\n"
+        f"delete table {BLOCK_TABLE}\n"
+        f"table {BLOCK_TABLE} {{\n"
+        "\tset blocked {\n\t\ttype ipv6_addr\n\t}\n"
+        "\tchain forward {\n"
+        "\t\ttype filter hook forward priority filter - 5; policy accept;\n"
+        "\t\tip6 saddr @blocked drop\n"
+        "\t\tip6 daddr @blocked drop\n"
+        "\t}\n"
+        "}\n")
+
+
+def set_blocked(addresses: list[str]) -> None:
+    """Make the blocked set exactly these client addresses (CIDR /128s)."""
+    hosts = ", ".join(a.split("/")[0] for a in addresses)
+    Nft().run(f"flush set {BLOCK_TABLE} blocked\n"
+              + (f"add element {BLOCK_TABLE} blocked {{ {hosts} }}\n" if hosts else ""))
+
+
 class ExitTunnels:
     def __init__(self, private_key_b64: str) -> None:
         self.private_key_b64 = private_key_b64

@@ -10,6 +10,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 from mesh.exit.v1 import exit_pb2
+from mesh.pay.v1 import pay_pb2
 from mesh.route.v1 import route_pb2
 
 from services.common.envelope import Event, MalformedEvent
@@ -66,10 +67,57 @@ def on_tunnel_down(
     return []
 
 
+def settle(balance: exit_pb2.ClientDebtChanged, usage: int, payments: int) -> None:
+    balance.usage_charged.CopyFrom(money(usage))
+    balance.payments.CopyFrom(money(payments))
+    balance.debt.CopyFrom(money(max(0, usage - payments)))
+    balance.credit.CopyFrom(money(max(0, payments - usage)))
+
+
+def _record(state: exit_pb2.ExitState, counterparty: str
+            ) -> exit_pb2.ExitState.Client | exit_pb2.ExitState.Exit | None:
+    """The client or exit behind pay's id for it (None for a neighbor's)."""
+    kind, _, peer = counterparty.partition(":")
+    if kind == "client" and peer in state.clients:
+        return state.clients[peer]
+    if kind == "exit" and peer in state.exits:
+        return state.exits[peer]
+    return None
+
+
+def on_payment(state: exit_pb2.ExitState, event: Event[Any]) -> list[Outgoing]:
+    """What a client paid its exit (PaymentSent on the client, PaymentReceived
+    on the exit; PaymentReverted takes one back) lowers its debt."""
+    payment = event.payload
+    if payment.purpose != pay_pb2.PAYMENT_PURPOSE_EXIT:
+        return []
+    record = _record(state, payment.counterparty_id)
+    if record is None:
+        raise MalformedEvent(f"exit payment with {payment.counterparty_id!r}: no such "
+                             "client or exit")
+    try:
+        paid = amount(payment.amount)
+        usage, payments = amount(record.balance.usage_charged), amount(record.balance.payments)
+    except MoneyError as err:
+        raise MalformedEvent(f"exit payment with {payment.counterparty_id}: {err}") from None
+    payments = payments - paid if isinstance(payment, pay_pb2.PaymentReverted) else payments + paid
+    settle(record.balance, usage, max(payments, 0))
+    return []
+
+
+def on_enforcement(state: exit_pb2.ExitState, event: Event[exit_pb2.ClientEnforcementChanged]
+                   ) -> list[Outgoing]:
+    changed = event.payload
+    if changed.client_id not in state.clients:
+        raise MalformedEvent(f"enforcement of unknown client {changed.client_id!r}")
+    state.clients[changed.client_id].access = changed.access
+    return []
+
+
 def on_usage(state: exit_pb2.ExitState, event: Event[exit_pb2.ClientUsageMetered]
              ) -> list[Outgoing]:
     """Totals, the counters' new base, and the balance: what the client owes
-    the exit for its usage so far (payments are not counted yet)."""
+    the exit for its usage so far, less what it paid."""
     used = event.payload
     record: exit_pb2.ExitState.Client | exit_pb2.ExitState.Exit
     if used.role == EXIT:
@@ -89,9 +137,7 @@ def on_usage(state: exit_pb2.ExitState, event: Event[exit_pb2.ClientUsageMetered
     record.up_counter, record.down_counter = used.bytes_up_counter, used.bytes_down_counter
     balance = record.balance
     balance.role, balance.exit_id, balance.client_id = used.role, used.exit_id, used.client_id
-    balance.usage_charged.CopyFrom(money(total))
-    balance.debt.CopyFrom(money(max(0, total - payments)))
-    balance.credit.CopyFrom(money(max(0, payments - total)))
+    settle(balance, total, payments)
     return []
 
 
@@ -120,6 +166,10 @@ def make_handlers(exit_prefixes: Mapping[str, str]) -> Mapping[type[Message], Ha
         exit_pb2.ExitTunnelUp: on_tunnel_up,
         exit_pb2.ExitTunnelDown: on_tunnel_down,
         exit_pb2.ClientUsageMetered: on_usage,
+        exit_pb2.ClientEnforcementChanged: on_enforcement,
+        pay_pb2.PaymentReceived: on_payment,
+        pay_pb2.PaymentSent: on_payment,
+        pay_pb2.PaymentReverted: on_payment,
         route_pb2.RouteChanged: on_route_changed,
     }
 
@@ -128,6 +178,9 @@ def summarize(state: exit_pb2.ExitState) -> Mapping[str, Any]:
     return {
         "clients": ",".join(sorted(state.clients)) or "-",
         "clients_up": sum(1 for c in state.clients.values() if c.tunnel_up),
+        "clients_cut_off": ",".join(sorted(
+            c for c, x in state.clients.items()
+            if x.access == exit_pb2.CLIENT_ACCESS_BLOCKED)) or "-",
         "exit": state.selected_exit_id or "-",
         "exits_routed": ",".join(sorted(e for e, x in state.exits.items()
                                         if x.HasField("route"))) or "-",

@@ -30,7 +30,7 @@ import grpc
 from mesh.exit.v1 import exit_pb2, registration_pb2, registration_pb2_grpc
 
 from services.common.config import ConfigError, NodeConfig
-from services.common.identity import Identity
+from services.common.identity import Identity, chain_address
 from services.common.logs import kv
 from services.common.money import amount, money
 from services.common.runtime import Outgoing, ServiceDefinition, ServiceRuntime
@@ -51,8 +51,10 @@ log = logging.getLogger("exit")
 
 TICK_SECONDS = 0.5
 CALL_TIMEOUT = 3.0
-# An exit that failed is tried again only after this long (unless it is the only one).
+# An exit that failed is tried again only after this long (unless it is the only one)...
 AVOID_SECONDS = 30.0
+# ...and never sooner than this (an exit that refuses us is not asked twice a second).
+RETRY_SECONDS = 5.0
 # A gateway withdraws an exit after this many probes in a row went unanswered.
 PROBES_LOST = 3
 
@@ -109,6 +111,12 @@ class ExitSettings:
     price_down: int = field(default=2_000_000, metadata={
         "help": "wei per byte a client pays an exit for response traffic (it covers what "
                 "the exit pays the mesh for it, plus the exit's fee)"})
+    cut_off_debt: int = field(default=10**14, metadata={
+        "help": "an exit cuts a client off when it owes more than this (wei) beyond "
+                "debt_tolerance, and lets it back once it has paid"})
+    debt_tolerance: float = field(default=0.05, metadata={
+        "help": "share of a client's usage its debt may exceed cut_off_debt by: what the exit "
+                "sent and the client never received is on the exit's bill only"})
     registration_window: float = field(default=300.0, metadata={
         "help": "seconds a registration's timestamp may be from the exit's clock"})
     exits: tuple[str, ...] = field(default=(), metadata={
@@ -139,6 +147,8 @@ class ExitSettings:
                 raise ConfigError(f"[exit] {port_field} must be 1-65535")
         if not 0 <= self.gateway_metric < 0xFFFF:
             raise ConfigError("[exit] gateway_metric must be in 0..65534")
+        if self.cut_off_debt < 0 or self.debt_tolerance < 0:
+            raise ConfigError("[exit] cut_off_debt and debt_tolerance must not be negative")
         if self.price_up < 0 or self.price_down < 0:
             raise ConfigError("[exit] prices must not be negative")
         if self.liveness_seconds <= 2 * effects.KEEPALIVE_SECONDS:
@@ -161,6 +171,14 @@ def refusal_status(reason: exit_pb2.RefusalReason) -> grpc.StatusCode:
         exit_pb2.REFUSAL_REASON_ADDRESS_POOL_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
         exit_pb2.REFUSAL_REASON_BLOCKED: grpc.StatusCode.PERMISSION_DENIED,
     }.get(reason, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+def refusal_reason(err: grpc.aio.AioRpcError) -> exit_pb2.RefusalReason.ValueType:
+    """The exit's reason, which its refusal names first; unreachable if it did not answer."""
+    named = (err.details() or "").split(":")[0]
+    if named in exit_pb2.RefusalReason.DESCRIPTOR.values_by_name:
+        return exit_pb2.RefusalReason.Value(named)
+    return exit_pb2.REFUSAL_REASON_UNREACHABLE
 
 
 def now_ms() -> int:
@@ -219,6 +237,8 @@ class ExitLoop:
         tunnels = self.tunnels
         await asyncio.to_thread(tunnels.ensure_exit, self.exit_interface,
                                 self.settings.tunnel_port, exit_address(self.settings.client_pool))
+        await asyncio.to_thread(effects.install_blocklist)
+        await asyncio.to_thread(effects.set_blocked, self.blocked_addresses())
         for client in list(self.rt.state.clients.values()):
             registration = client.registration
             await asyncio.to_thread(tunnels.ensure_client_peer, self.exit_interface,
@@ -249,6 +269,7 @@ class ExitLoop:
             handshake, received, sent = peers.get(key, (0, 0, 0))
             await self.meter(EXIT, self.rt.node_id, client_id, client, (received, sent),
                              client.registration)
+            await self.enforce(client_id, self.rt.state.clients[client_id])
             # WireGuard renews the handshake every 2 minutes while traffic flows.
             alive = handshake > 0 and time.time() - handshake < 180
             if alive and not client.tunnel_up:
@@ -278,7 +299,35 @@ class ExitLoop:
             bytes_up_counter=counters[0], bytes_down_counter=counters[1],
             counters_reset=used.reset)
         metered.period_end.GetCurrentTime()
-        await self.rt.publish(Outgoing("usage", client_id if role == EXIT else exit_id, metered))
+        peer = client_id if role == EXIT else exit_id
+        sequence = await self.rt.publish(Outgoing("usage", peer, metered))
+        await self.rt.wait_handled(sequence)
+        # pay pays from this (a client), the operator reads it (either side).
+        await self.rt.publish(Outgoing("debt", peer, record.balance))
+
+    async def enforce(self, client_id: str, client: exit_pb2.ExitState.Client) -> None:
+        """Cut a client off (nothing of it is forwarded) while it owes too much;
+        let it back once it has paid (its proofs still reach us)."""
+        debt, usage = amount(client.balance.debt), amount(client.balance.usage_charged)
+        over = debt > self.settings.cut_off_debt + self.settings.debt_tolerance * usage
+        access = exit_pb2.CLIENT_ACCESS_BLOCKED if over else exit_pb2.CLIENT_ACCESS_OPEN
+        if access == (client.access or exit_pb2.CLIENT_ACCESS_OPEN):
+            return
+        previous = client.access or exit_pb2.CLIENT_ACCESS_OPEN
+        sequence = await self.rt.publish(Outgoing("enforcement", client_id,
+                                                  exit_pb2.ClientEnforcementChanged(
+            client_id=client_id, access=access, previous=previous, debt=money(debt))))
+        await self.rt.wait_handled(sequence)
+        await asyncio.to_thread(effects.set_blocked, self.blocked_addresses())
+        if access == exit_pb2.CLIENT_ACCESS_BLOCKED:
+            log.warning(kv("exit.cut_off", client=client_id, debt=debt))
+        else:
+            log.info(kv("exit.let_back", client=client_id, debt=debt))
+
+    def blocked_addresses(self) -> list[str]:
+        return [a for c in self.rt.state.clients.values()
+                if c.access == exit_pb2.CLIENT_ACCESS_BLOCKED
+                for a in c.registration.client_addresses]
 
     async def register(self, request: registration_pb2.RegisterRequest
                        ) -> exit_pb2.ExitRegistered | exit_pb2.RegistrationRefused:
@@ -299,6 +348,11 @@ class ExitLoop:
                     return await self.refuse(request, refusal_reason, detail)
             if refusal is not None:
                 return await self.refuse(request, refusal.reason, refusal.detail)
+            known = self.rt.state.clients.get(request.client_id)
+            if known is not None and known.access == exit_pb2.CLIENT_ACCESS_BLOCKED:
+                return await self.refuse(
+                    request, exit_pb2.REFUSAL_REASON_BLOCKED,
+                    f"cut off for {amount(known.balance.debt)} wei unpaid: pay it first")
             assert addresses is not None
             offer = self.offer()
             registered = exit_pb2.ExitRegistered(
@@ -307,7 +361,10 @@ class ExitLoop:
                 client_wireguard_key=request.wireguard_key,
                 exit_wireguard_key=offer.wireguard_key, client_addresses=addresses,
                 exit_endpoint_port=offer.tunnel_port, price_up=offer.price_up,
-                price_down=offer.price_down)
+                price_down=offer.price_down,
+                client_chain_address=chain_address(request.identity_key),
+                exit_chain_address=self.identity.chain_address,
+                exit_tunnel_address=exit_address(self.settings.client_pool).split("/")[0])
             sequence = await self.rt.publish(Outgoing("registered", request.client_id, registered))
             await self.rt.wait_handled(sequence)
             await asyncio.to_thread(self.tunnels.ensure_client_peer, self.exit_interface,
@@ -397,7 +454,8 @@ class ExitLoop:
         candidates = []
         for exit_id, where in configured.items():
             known = state.exits.get(exit_id)
-            if known is None or not known.HasField("route"):
+            if known is None or not known.HasField("route") \
+                    or now - self.avoid.get(exit_id, -RETRY_SECONDS) < RETRY_SECONDS:
                 continue
             try:
                 offer = await self.stub(where).Offer(registration_pb2.OfferRequest(),
@@ -426,9 +484,7 @@ class ExitLoop:
                            code=err.code().name, detail=err.details()))
             await self.rt.publish(Outgoing("refused", chosen.exit_id, exit_pb2.RegistrationRefused(
                 role=CLIENT, exit_id=chosen.exit_id, client_id=self.rt.node_id,
-                reason=exit_pb2.REFUSAL_REASON_UNREACHABLE
-                if err.code() == grpc.StatusCode.UNAVAILABLE else exit_pb2.REFUSAL_REASON_MALFORMED,
-                detail=f"{err.code().name}: {err.details()}")))
+                reason=refusal_reason(err), detail=f"{err.code().name}: {err.details()}")))
             self.avoid[chosen.exit_id] = now
             return
         if answer.exit_wireguard_key != offer.wireguard_key or not answer.client_addresses:
@@ -534,7 +590,9 @@ DEFINITION: ServiceDefinition[Any] = ServiceDefinition(
     name="exit",
     state_type=exit_pb2.ExitState,
     subjects=("evt.exit.registered.>", "evt.exit.selected.>", "evt.exit.tunnel_up.>",
-              "evt.exit.tunnel_down.>", "evt.exit.usage.>", "evt.route.changed.>"),
+              "evt.exit.tunnel_down.>", "evt.exit.usage.>", "evt.exit.enforcement.>",
+              "evt.route.changed.>", "evt.pay.received.>", "evt.pay.sent.>",
+              "evt.pay.reverted.>"),
     handlers=make_handlers({}),
     summarize=summarize,
     tasks=(exit_loop,),

@@ -18,6 +18,7 @@ from typing import Any
 
 import coincurve
 from google.protobuf.message import Message
+from mesh.exit.v1 import exit_pb2
 from mesh.link.v1 import link_pb2
 from mesh.meter.v1 import meter_pb2
 from mesh.pay.v1 import pay_pb2
@@ -57,6 +58,35 @@ def neighbor_by_address(state: pay_pb2.PayState, address: bytes) -> str:
     return ""
 
 
+def exit_counterparty(exit_id: str) -> str:
+    """pay's id for an exit we use (it may be a neighbor as well, under its name)."""
+    return f"exit:{exit_id}"
+
+
+def client_counterparty(client_id: str) -> str:
+    """pay's id for a client of our exit."""
+    return f"client:{client_id}"
+
+
+def purpose_of(state: pay_pb2.PayState, node_id: str) -> pay_pb2.PaymentPurpose.ValueType:
+    neighbor = state.neighbors.get(node_id)
+    if neighbor is not None and neighbor.purpose == pay_pb2.PAYMENT_PURPOSE_EXIT:
+        return pay_pb2.PAYMENT_PURPOSE_EXIT
+    return pay_pb2.PAYMENT_PURPOSE_FORWARDING
+
+
+def adopt_channels(state: pay_pb2.PayState, node_id: str, chain_address: bytes) -> None:
+    """Channels the chain showed before we knew whose they are."""
+    for channel_hex, channel in state.channels.items():
+        opened = channel.opened
+        if opened.counterparty_id or channel.status == CLOSED:
+            continue
+        theirs = opened.payee_address if opened.direction == OUTGOING else opened.payer_address
+        if theirs == chain_address:
+            opened.counterparty_id = node_id
+            attach(state, channel_hex, channel)
+
+
 def open_channel(state: pay_pb2.PayState, channel_hex: str) -> pay_pb2.PayState.Channel | None:
     channel = state.channels.get(channel_hex)
     return channel if channel is not None and channel.status == OPEN else None
@@ -84,7 +114,7 @@ def make_handlers(payer: Payer) -> Mapping[type[Message], Handler[pay_pb2.PaySta
         return [Outgoing("sent", node_id, pay_pb2.PaymentSent(
             counterparty_id=node_id, channel_id=channel_id, nonce=nonce,
             cumulative=money(cumulative), amount=money(paying), signature=signature,
-            purpose=pay_pb2.PAYMENT_PURPOSE_FORWARDING))]
+            purpose=purpose_of(state, node_id)))]
 
     def on_link_up(state: pay_pb2.PayState, event: Event[link_pb2.LinkUp]) -> list[Outgoing]:
         up = event.payload
@@ -94,16 +124,50 @@ def make_handlers(payer: Payer) -> Mapping[type[Message], Handler[pay_pb2.PaySta
         neighbor.tunnel_peer_address = up.tunnel_peer_address
         neighbor.up = True
         neighbor.ClearField("down_since")
-        # Channels the chain showed before the link did.
-        for channel_hex, channel in state.channels.items():
-            opened = channel.opened
-            if opened.counterparty_id or channel.status == CLOSED:
-                continue
-            theirs = opened.payee_address if opened.direction == OUTGOING else opened.payer_address
-            if theirs == up.chain_address:
-                opened.counterparty_id = up.neighbor_id
-                attach(state, channel_hex, channel)
+        adopt_channels(state, up.neighbor_id, up.chain_address)
         return pay_due(state, up.neighbor_id)
+
+    def on_exit_registered(
+        state: pay_pb2.PayState, event: Event[exit_pb2.ExitRegistered]
+    ) -> list[Outgoing]:
+        """A client pays the exit it registered with; an exit takes its
+        clients' payments. Both inside the exit tunnel, over its addresses."""
+        registered = event.payload
+        if registered.role == exit_pb2.EXIT_ROLE_CLIENT:
+            node_id, chain_address = (exit_counterparty(registered.exit_id),
+                                      registered.exit_chain_address)
+            address = registered.exit_tunnel_address
+        elif registered.role == exit_pb2.EXIT_ROLE_EXIT:
+            node_id, chain_address = (client_counterparty(registered.client_id),
+                                      registered.client_chain_address)
+            address = registered.client_addresses[0] if registered.client_addresses else ""
+        else:
+            return []
+        if len(chain_address) != 20 or not address:
+            raise MalformedEvent(f"registration for {node_id}: no chain address or tunnel address")
+        neighbor = state.neighbors[node_id]
+        neighbor.chain_address = chain_address
+        neighbor.tunnel_interface = ""
+        neighbor.tunnel_peer_address = address.split("/")[0]
+        neighbor.purpose = pay_pb2.PAYMENT_PURPOSE_EXIT
+        neighbor.receive_only = registered.role == exit_pb2.EXIT_ROLE_EXIT
+        neighbor.up = True
+        adopt_channels(state, node_id, chain_address)
+        return pay_due(state, node_id)
+
+    def on_client_debt(
+        state: pay_pb2.PayState, event: Event[exit_pb2.ClientDebtChanged]
+    ) -> list[Outgoing]:
+        """A client pays its exit what its own meter says it used."""
+        debt = event.payload
+        if debt.role != exit_pb2.EXIT_ROLE_CLIENT:
+            return []
+        node_id = exit_counterparty(debt.exit_id)
+        if node_id not in state.neighbors:
+            raise MalformedEvent(f"debt with exit {debt.exit_id} before its registration")
+        state.neighbors[node_id].pay_target.CopyFrom(
+            money(_amount(debt.usage_charged, f"debt with {node_id}")))
+        return pay_due(state, node_id)
 
     def on_link_down(state: pay_pb2.PayState, event: Event[link_pb2.LinkDown]) -> list[Outgoing]:
         neighbor = state.neighbors.get(event.payload.neighbor_id)
@@ -178,7 +242,7 @@ def make_handlers(payer: Payer) -> Mapping[type[Message], Handler[pay_pb2.PaySta
             paid.CopyFrom(money(amount(paid) - unpaid))
             out.append(Outgoing("reverted", node_id, pay_pb2.PaymentReverted(
                 counterparty_id=node_id, channel_id=channel.opened.channel_id,
-                amount=money(unpaid), purpose=pay_pb2.PAYMENT_PURPOSE_FORWARDING)))
+                amount=money(unpaid), purpose=purpose_of(state, node_id))))
         neighbor = state.neighbors.get(channel.opened.counterparty_id)
         if neighbor is not None:
             if neighbor.outgoing_channel == channel_hex:
@@ -238,6 +302,8 @@ def make_handlers(payer: Payer) -> Mapping[type[Message], Handler[pay_pb2.PaySta
 
     return {
         link_pb2.LinkUp: on_link_up,
+        exit_pb2.ExitRegistered: on_exit_registered,
+        exit_pb2.ClientDebtChanged: on_client_debt,
         link_pb2.LinkDown: on_link_down,
         meter_pb2.DebtChanged: on_debt,
         pay_pb2.ChannelOpened: on_opened,

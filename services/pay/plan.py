@@ -54,7 +54,8 @@ def wanted(state: pay_pb2.PayState, terms: Terms, now: float) -> list[Wanted]:
         gone = (not neighbor.up and neighbor.HasField("down_since")
                 and now - neighbor.down_since.seconds > terms.gone_after)
         outgoing = state.channels.get(neighbor.outgoing_channel)
-        if neighbor.up and neighbor.chain_address and outgoing is None:
+        if neighbor.up and neighbor.chain_address and outgoing is None \
+                and not neighbor.receive_only:
             out.append(Wanted(K.TRANSACTION_KIND_OPEN, node_id, b"", "open",
                               (checksum(neighbor.chain_address), NATIVE_TOKEN, terms.deposit,
                                terms.close_window), terms.deposit))

@@ -16,7 +16,7 @@ from mesh.pay.v1 import pay_pb2
 
 from services.common.money import amount, money
 
-from .handlers import INCOMING, OPEN
+from .handlers import INCOMING, OPEN, purpose_of
 from .proofs import Domain, ProofError
 from .wire import Proof
 
@@ -74,4 +74,4 @@ def check(state: pay_pb2.PayState, node_id: str, proof: Proof, domain: Domain,
     return pay_pb2.PaymentReceived(
         counterparty_id=node_id, channel_id=proof.channel_id, nonce=proof.nonce,
         cumulative=money(proof.amount), amount=money(proof.amount - last),
-        signature=proof.signature, purpose=pay_pb2.PAYMENT_PURPOSE_FORWARDING)
+        signature=proof.signature, purpose=purpose_of(state, node_id))

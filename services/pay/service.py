@@ -122,16 +122,25 @@ class Pay:
                 log.debug(kv("proof.sent", to=node_id, nonce=channel.nonce,
                              cumulative=amount(channel.cumulative)))
 
-    def sender_of(self, interface: str) -> tuple[str, pay_pb2.PayState.Neighbor] | None:
+    def sender_of(self, interface: str, address: str
+                  ) -> tuple[str, pay_pb2.PayState.Neighbor] | None:
+        """A neighbor by its tunnel; an exit or a client of ours by its
+        address inside the exit tunnel (interface "")."""
         for node_id, neighbor in self.rt.state.neighbors.items():
-            if neighbor.tunnel_interface == interface and neighbor.up:
+            if not neighbor.up:
+                continue
+            if interface and neighbor.tunnel_interface == interface:
+                return node_id, neighbor
+            if not interface and not neighbor.tunnel_interface \
+                    and neighbor.tunnel_peer_address == address:
                 return node_id, neighbor
         return None
 
-    async def on_datagram(self, data: bytes, interface: str) -> None:
-        sender = self.sender_of(interface)
+    async def on_datagram(self, data: bytes, interface: str, address: str) -> None:
+        sender = self.sender_of(interface, address)
         if sender is None:
-            log.info(kv("proof.dropped", interface=interface, why="no neighbor's tunnel"))
+            log.info(kv("proof.dropped", interface=interface or "-", source=address,
+                        why="no neighbor's tunnel, exit or client"))
             return
         node_id, neighbor = sender
         try:
@@ -204,10 +213,11 @@ class Pay:
         while True:
             self.send_due()
             try:
-                data, interface = await asyncio.wait_for(self.transport.inbox.get(), 0.05)
+                data, interface, address = await asyncio.wait_for(
+                    self.transport.inbox.get(), 0.05)
             except TimeoutError:
                 continue
-            await self.on_datagram(data, interface)
+            await self.on_datagram(data, interface, address)
 
     # -- the chain ---------------------------------------------------------------
 
@@ -315,7 +325,8 @@ async def chain_loop(rt: ServiceRuntime[pay_pb2.PayState]) -> None:
     await rt.context.chain_loop()
 
 
-SUBJECTS = ("evt.link.up.>", "evt.link.down.>", "evt.meter.debt.>", "evt.pay.>")
+SUBJECTS = ("evt.link.up.>", "evt.link.down.>", "evt.meter.debt.>", "evt.pay.>",
+            "evt.exit.registered.>", "evt.exit.debt.>")
 
 
 def configure(definition: ServiceDefinition[Any], cfg: NodeConfig) -> ServiceDefinition[Any]:

@@ -1,6 +1,8 @@
 """The UDP socket proofs travel on: port PROOF_PORT inside each tunnel, between
 the tunnels' link-local addresses, so only an authenticated neighbor can
-reach it and the arrival interface names who sent a datagram."""
+reach it and the arrival interface names who sent a datagram. Between a
+client and its exit, inside the exit tunnel, the addresses are global (the
+exit's tunnel serves every client): the source address names the sender."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ class Transport:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("::", port))
         self.sock.setblocking(False)
-        self.inbox: asyncio.Queue[tuple[bytes, str]] = asyncio.Queue(maxsize=4096)
+        # (datagram, arrival interface or "" for a global source, source address)
+        self.inbox: asyncio.Queue[tuple[bytes, str, str]] = asyncio.Queue(maxsize=4096)
         self.sent_bytes = 0
 
     def start(self) -> None:
@@ -32,11 +35,13 @@ class Transport:
                 return
             # A link-local source carries the arrival interface as its scope.
             with contextlib.suppress(OSError, asyncio.QueueFull):
-                self.inbox.put_nowait((data, socket.if_indextoname(source[3])))
+                interface = socket.if_indextoname(source[3]) if source[3] else ""
+                self.inbox.put_nowait((data, interface, source[0].split("%")[0]))
 
     def send(self, data: bytes, address: str, interface: str) -> bool:
         try:
-            self.sock.sendto(data, (address, self.port, 0, socket.if_nametoindex(interface)))
+            scope = socket.if_nametoindex(interface) if interface else 0
+            self.sock.sendto(data, (address, self.port, 0, scope))
         except OSError:
             return False  # the tunnel is gone or not up yet: resent later
         self.sent_bytes += len(data)

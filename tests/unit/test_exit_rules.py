@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from mesh.exit.v1 import exit_pb2, registration_pb2
+from mesh.pay.v1 import pay_pb2
 from mesh.route.v1 import route_pb2
 
 from services.common.config import ConfigError
@@ -172,3 +173,24 @@ def test_a_clients_usage_adds_up_to_its_debt_on_either_side() -> None:
         assert (record.up_counter, record.down_counter) == (99, 199)
         assert amount(record.balance.usage_charged) == 1200
         assert amount(record.balance.debt) == 1200
+
+
+def test_exit_payments_lower_the_debt_and_forwarding_ones_are_not_ours() -> None:
+    handlers = make_handlers({})
+    state = exit_pb2.ExitState()
+    handlers[exit_pb2.ExitRegistered](state, event(registered("c", b"C", ["fd64::2/128"])))
+    handlers[exit_pb2.ClientUsageMetered](state, event(exit_pb2.ClientUsageMetered(
+        role=exit_pb2.EXIT_ROLE_EXIT, exit_id="ex", client_id="c", charged=money(1_000))))
+    exit_payment = pay_pb2.PAYMENT_PURPOSE_EXIT
+    handlers[pay_pb2.PaymentReceived](state, event(pay_pb2.PaymentReceived(
+        counterparty_id="client:c", amount=money(600), purpose=exit_payment)))
+    handlers[pay_pb2.PaymentReceived](state, event(pay_pb2.PaymentReceived(
+        counterparty_id="c", amount=money(999), purpose=pay_pb2.PAYMENT_PURPOSE_FORWARDING)))
+    balance = state.clients["c"].balance
+    assert (amount(balance.payments), amount(balance.debt)) == (600, 400)
+    handlers[pay_pb2.PaymentReverted](state, event(pay_pb2.PaymentReverted(
+        counterparty_id="client:c", amount=money(100), purpose=exit_payment)))
+    assert amount(state.clients["c"].balance.debt) == 500
+    handlers[exit_pb2.ClientEnforcementChanged](state, event(exit_pb2.ClientEnforcementChanged(
+        client_id="c", access=exit_pb2.CLIENT_ACCESS_BLOCKED)))
+    assert state.clients["c"].access == exit_pb2.CLIENT_ACCESS_BLOCKED

@@ -11,6 +11,7 @@ import coincurve
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import given
+from mesh.exit.v1 import exit_pb2
 from mesh.link.v1 import link_pb2
 from mesh.meter.v1 import meter_pb2
 from mesh.pay.v1 import pay_pb2
@@ -295,3 +296,44 @@ def test_a_settlement_short_of_our_newest_proof_reverts_the_difference() -> None
     assert amount(state.neighbors["r2"].paid) == 6_000
     assert state.neighbors["r2"].outgoing_channel == ""  # a new channel pays the rest
     assert fold(state, pay_pb2.ChannelClosed(channel_id=OUT_ID, paid=money(6_000))) == []
+
+
+# -- exits --------------------------------------------------------------------
+
+
+def exit_opened(counterparty: str, direction: int) -> pay_pb2.ChannelOpened:
+    channel = opened(OUT_ID if direction == OUTGOING else IN_ID, direction)
+    channel.counterparty_id = counterparty
+    return channel
+
+
+def test_a_client_pays_its_exit_what_its_own_meter_says_inside_the_tunnel() -> None:
+    state = pay_pb2.PayState()
+    fold(state, exit_pb2.ExitRegistered(
+        role=exit_pb2.EXIT_ROLE_CLIENT, exit_id="ex", client_id="c", exit_chain_address=THEIRS,
+        exit_tunnel_address="fd64::1", client_addresses=["fd64::2/128"]))
+    exit_ = state.neighbors["exit:ex"]
+    assert (exit_.purpose, exit_.tunnel_peer_address, exit_.tunnel_interface,
+            exit_.receive_only) == (pay_pb2.PAYMENT_PURPOSE_EXIT, "fd64::1", "", False)
+    [want] = plan.wanted(state, TERMS, 0)
+    assert (want.function, want.counterparty) == ("open", "exit:ex")
+    fold(state, exit_opened("exit:ex", OUTGOING))
+    [sent] = fold(state, exit_pb2.ClientDebtChanged(
+        role=exit_pb2.EXIT_ROLE_CLIENT, exit_id="ex", client_id="c", usage_charged=money(5_000)))
+    assert sent.payload.purpose == pay_pb2.PAYMENT_PURPOSE_EXIT
+    assert (sent.payload.counterparty_id, amount(sent.payload.cumulative)) == ("exit:ex", 5_000)
+
+
+def test_an_exit_takes_its_clients_payments_and_opens_no_channel_to_them() -> None:
+    state = pay_pb2.PayState()
+    fold(state, exit_pb2.ExitRegistered(
+        role=exit_pb2.EXIT_ROLE_EXIT, exit_id="ex", client_id="c", client_chain_address=THEIRS,
+        client_addresses=["fd64::2/128"]))
+    assert state.neighbors["client:c"].receive_only
+    assert plan.wanted(state, TERMS, 0) == []
+    fold(state, exit_opened("client:c", INCOMING))
+    received = check(state, "client:c", their_proof(1, 700), DOMAIN, None)
+    assert received.purpose == pay_pb2.PAYMENT_PURPOSE_EXIT and amount(received.amount) == 700
+    # An exit's debt report is not the exit's to pay.
+    assert fold(state, exit_pb2.ClientDebtChanged(
+        role=exit_pb2.EXIT_ROLE_EXIT, exit_id="ex", client_id="c", usage_charged=money(9))) == []
