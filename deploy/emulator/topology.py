@@ -6,7 +6,9 @@ A topology is a small TOML file::
 
     [[node]]
     name = "r1"              # [a-z][a-z0-9]{0,7}; names the namespace and interfaces
-    role = "router"          # optional: router (default), gateway, exit, internet
+    role = "router"          # optional: router (default), gateway, exit, internet, host
+                             # (internet: the uplinks' far end; host: a plain
+                             # machine on a mesh link, no services)
     services = ["babel"]     # optional: carried as data for the node launcher
 
     [node.config.meter]      # optional: node-file sections for this node only,
@@ -32,7 +34,7 @@ from typing import Any
 
 TOPOLOGIES_DIR = Path(__file__).with_name("topologies")
 
-ROLES = ("router", "gateway", "exit", "internet")
+ROLES = ("router", "gateway", "exit", "internet", "host")
 
 # Short enough that "<prefix>-<name>" stays a tidy namespace name and
 # "v-<name>" (the interface facing that node) fits IFNAMSIZ (15).

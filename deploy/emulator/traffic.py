@@ -1,16 +1,24 @@
-"""Real traffic for the emulated mesh: every router sends UDP to the own
-address of each router whose name sorts after its own, routed by Babel: to
-its neighbors through their tunnel at `rate`, to the routers beyond them at
-`far_rate`, through relays who bill the hop before them at their advertised
-price and pay the hop after them its own. One way only: traffic as large
-both ways nets to no debt, and nothing would be paid.
+"""Real traffic for the emulated mesh.
+
+MeshTraffic: every router sends UDP to the own address of each router whose
+name sorts after its own, routed by Babel: to its neighbors through their
+tunnel at `rate`, to the routers beyond them at `far_rate`, through relays
+who bill the hop before them at their advertised price and pay the hop after
+them its own. One way only: traffic as large both ways nets to no debt, and
+nothing would be paid.
+
+InternetTraffic: the routers that use an exit download a file from a web
+server on the internet node, through their exit tunnel, again and again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 from pyroute2 import netns
 
@@ -70,3 +78,75 @@ class MeshTraffic:
         self.thread.join(timeout=10)
         for sink in self.sinks.values():
             sink.close()
+
+
+class WebServer:
+    """python's http.server on an internet node, serving one file of `size`
+    bytes (lines starting with `marker`) from workdir/www; its log, in
+    workdir, names the address each request came from."""
+
+    def __init__(self, mesh: EmulatedMesh, node: str, workdir: Path, size: int,
+                 marker: bytes = b"mesh-demo") -> None:
+        root = workdir / "www"
+        root.mkdir(parents=True, exist_ok=True)
+        line = marker + b" " + b"x" * 100 + b"\n"
+        (root / "file").write_bytes(line * (size // len(line)))
+        self.log = workdir / "http.log"
+        self.address = mesh.fabric.nodes[node].ipv6
+        argv = [sys.executable, "-m", "http.server", "80", "--bind", self.address,
+                "--directory", str(root)]
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(mesh.fabric.exec_argv(node, argv),
+                                            stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def url(self) -> str:
+        return f"http://[{self.address}]/file"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+class InternetTraffic:
+    """Every router that uses an exit downloads the internet host's file
+    again and again, through its exit tunnel."""
+
+    def __init__(self, mesh: EmulatedMesh, workdir: Path, size: int = 500_000,
+                 pause: float = 2.0) -> None:
+        internet = [n.name for n in mesh.topology.nodes if n.role == "internet"]
+        self.clients = [name for name, router in mesh.routers.items()
+                        if router.config.get("exit", {}).get("exits")]
+        self.server = WebServer(mesh, internet[0], workdir, size) if internet and \
+            self.clients else None
+        self.mesh = mesh
+        self.pause = pause
+        self.stop = threading.Event()
+        self.downloaded = 0
+        self.threads = [threading.Thread(target=self._run, args=(c,), daemon=True,
+                                         name=f"internet-{c}") for c in self.clients]
+
+    def _run(self, router: str) -> None:
+        assert self.server is not None
+        while not self.stop.is_set():
+            done = self.mesh.fabric.run(router, [
+                "curl", "-sS", "-g", "-o", "/dev/null", "--max-time", "20",
+                "-w", "%{size_download}", self.server.url], check=False)
+            if done.returncode == 0 and done.stdout.isdigit():
+                self.downloaded += int(done.stdout)
+            self.stop.wait(self.pause)
+
+    def __enter__(self) -> InternetTraffic:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+        if self.server is not None:
+            self.server.stop()

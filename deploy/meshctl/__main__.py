@@ -268,7 +268,7 @@ def cmd_exits(args: argparse.Namespace) -> int:
     if "exit" not in node.services:
         raise NodeError(f"node {node.config.node.id} runs no exit service")
     headers = ["role", "peer", "state", "addresses", "metric", "price_up", "price_down",
-               "bytes_up", "bytes_down", "owed_wei"]
+               "bytes_up", "bytes_down", "owed_wei", "paid_wei"]
     print_rows(client.exit_rows(node), headers, args.json,
                "no exits, clients or announced exits yet")
     return 0

@@ -302,6 +302,7 @@ def exit_rows(node: Node) -> list[dict[str, object]]:
             "metric": known.route.metric if known.HasField("route") else "-",
             "bytes_up": known.bytes_up, "bytes_down": known.bytes_down,
             "owed_wei": amount(known.balance.usage_charged),
+            "paid_wei": amount(known.balance.payments),
             "price_up": amount(registration.price_up),
             "price_down": amount(registration.price_down),
         })
@@ -309,17 +310,19 @@ def exit_rows(node: Node) -> list[dict[str, object]]:
         registration = admitted.registration
         rows.append({
             "role": "exit", "peer": client_id,
-            "state": "tunnel up" if admitted.tunnel_up else "registered",
+            "state": ("cut off" if admitted.access == exit_pb2.CLIENT_ACCESS_BLOCKED
+                      else "tunnel up" if admitted.tunnel_up else "registered"),
             "addresses": ",".join(registration.client_addresses), "metric": "-",
             "bytes_up": admitted.bytes_up, "bytes_down": admitted.bytes_down,
             "owed_wei": amount(admitted.balance.usage_charged),
+            "paid_wei": amount(admitted.balance.payments),
             "price_up": amount(registration.price_up),
             "price_down": amount(registration.price_down),
         })
     for exit_id, up in sorted(state.gateway_tunnels.items()):
         rows.append({"role": "gateway", "peer": exit_id, "state": "announced",
                      "addresses": ",".join(up.announced_prefixes), "metric": "-",
-                     "bytes_up": "-", "bytes_down": "-", "owed_wei": "-",
+                     "bytes_up": "-", "bytes_down": "-", "owed_wei": "-", "paid_wei": "-",
                      "price_up": "-", "price_down": "-"})
     return rows
 

@@ -15,7 +15,7 @@ from deploy.emulator import mesh as mesh_mod
 from deploy.emulator.preflight import PreflightError
 from deploy.emulator.settlement import Ledger, ledger_from, reconcile
 from deploy.emulator.topology import TOPOLOGIES_DIR, Topology, TopologyError
-from deploy.emulator.traffic import MeshTraffic
+from deploy.emulator.traffic import InternetTraffic, MeshTraffic
 
 from . import client
 from .tables import table
@@ -141,7 +141,7 @@ def route_rows(emulated: mesh_mod.EmulatedMesh) -> list[list[object]]:
     return rows
 
 
-EXIT_HEADERS = ["router", "exits: role peer (state, bytes both ways, owed for them)"]
+EXIT_HEADERS = ["router", "exits: role peer (state, bytes both ways, billed, paid)"]
 
 
 def exit_rows(emulated: mesh_mod.EmulatedMesh) -> list[list[object]]:
@@ -157,7 +157,8 @@ def exit_rows(emulated: mesh_mod.EmulatedMesh) -> list[list[object]]:
             continue
         cells = [f"{r['role']} {r['peer']} ({r['state']}"
                  + (f", {_short(int(r['bytes_up']) + int(r['bytes_down'])).lstrip('+')} B, "
-                    f"owes {_short(int(r['owed_wei'])).lstrip('+')} wei)"
+                    f"billed {_short(int(r['owed_wei'])).lstrip('+')}, "
+                    f"paid {_short(int(r['paid_wei'])).lstrip('+')} wei)"
                     if r["role"] != "gateway" else ")")
                  for r in listed]
         rows.append([name, "; ".join(cells) or "-"])
@@ -339,10 +340,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
               "neighbor, through their tunnel (metered, billed, paid)")
     _progress(f"traffic: {args.far_rate / 1000:g} kB/s from every router to each router "
               "beyond its neighbors, routed by Babel through relays who earn their price")
+    clients = [name for name, router in emulated.routers.items()
+               if router.config.get("exit", {}).get("exits")]
+    if clients:
+        _progress(f"traffic: {', '.join(clients)} download from the internet host through "
+                  "their exit, and pay it")
     tty = sys.stdout.isatty()
     deadline = time.monotonic() + args.duration if args.duration else None
     try:
-        with MeshTraffic(emulated, args.neighbor_rate, args.far_rate):
+        with MeshTraffic(emulated, args.neighbor_rate, args.far_rate), \
+                InternetTraffic(emulated, emulated.workdir / "internet"):
             while deadline is None or time.monotonic() < deadline:
                 rows = status_rows(emulated)
                 routes = route_rows(emulated)

@@ -73,7 +73,7 @@ def topology(ours: bool) -> Topology:
             nodes.append({"name": name, "config": {"route": {"tunnels": False,
                                                              "interfaces": []}}})
         else:
-            nodes.append({"name": name, "role": "internet"})  # nothing of ours runs there
+            nodes.append({"name": name, "role": "host"})  # nothing of ours runs there
     return Topology.from_dict({"name": "ring6-raw", "node": nodes,
                                "link": [{"a": a, "b": b} for a, b in RING]})
 

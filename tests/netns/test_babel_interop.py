@@ -64,7 +64,7 @@ def ring() -> Topology:
     nodes: list[dict[str, object]] = []
     for name in NODES:
         if name in BABELDS:
-            nodes.append({"name": name, "role": "internet"})  # no router of ours there
+            nodes.append({"name": name, "role": "host"})  # no router of ours there
         else:
             nodes.append({"name": name, "config": {"route": {
                 "tunnels": False, "interfaces": facing(name)}}})

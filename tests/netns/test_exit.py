@@ -10,6 +10,7 @@ uplink moves the traffic to the other one; a bad registration is refused.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from mesh.route.v1 import route_pb2
 
 from deploy.emulator.mesh import EmulatedMesh, clean
 from deploy.emulator.topology import Topology
+from deploy.emulator.traffic import WebServer
 from deploy.meshctl import client
 from deploy.node import run_supervisorctl
 from services.common.identity import Identity
@@ -30,7 +32,7 @@ from services.common.money import amount
 from services.exit.registration import registration_message
 from tests.conftest import require_root, wait_for
 from tests.netns.babeld import Capture
-from tests.netns.test_route import reaches
+from tests.netns.test_route import reaches, run_meshctl
 
 pytestmark = [pytest.mark.netns, pytest.mark.emulator]
 
@@ -60,35 +62,6 @@ TOPOLOGY = {
 HEALTHY: dict[str, float] = {}
 
 
-class WebServer:
-    """python's http.server on the internet host, serving one file; its log
-    names the address each request came from."""
-
-    def __init__(self, mesh: EmulatedMesh, workdir: Path) -> None:
-        self.root = workdir / "www"
-        self.root.mkdir(parents=True)
-        line = MARKER + b" " + b"x" * 100 + b"\n"
-        (self.root / "file").write_bytes(line * (FILE_BYTES // len(line)))
-        self.log = workdir / "http.log"
-        self.address = mesh.fabric.nodes["inet"].ipv6
-        argv = [sys.executable, "-m", "http.server", "80", "--bind", self.address,
-                "--directory", str(self.root)]
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(mesh.fabric.exec_argv("inet", argv),
-                                            stdout=log, stderr=subprocess.STDOUT)
-
-    @property
-    def url(self) -> str:
-        return f"http://[{self.address}]/file"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedMesh]:
     require_root()
@@ -107,7 +80,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedMesh]:
 
 @pytest.fixture(scope="module")
 def web(mesh: EmulatedMesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebServer]:
-    server = WebServer(mesh, tmp_path_factory.mktemp("web"))
+    server = WebServer(mesh, "inet", tmp_path_factory.mktemp("web"), FILE_BYTES, MARKER)
     try:
         yield server
     finally:
@@ -209,6 +182,13 @@ def test_a_client_three_relays_away_downloads_through_the_exit(
 
     wait_for("c to pay ex what it used", paid_up, timeout=90, explain=lambda: str(metered()))
     on_exit, on_client = metered()
+    # What the operator sees.
+    code, shown, _ = run_meshctl(capsys, "-n", str(mesh.routers["c"].layout.root), "exits",
+                                 "--json")
+    [row] = json.loads(shown)
+    assert code == 0 and (row["role"], row["peer"], row["state"]) == (
+        "client", "ex", "in use, tunnel up")
+    assert row["paid_wei"] >= amount(on_client.balance.payments)
     with capsys.disabled():
         print(f"\n  exit tunnel up {up_after:.1f}s after every service was healthy; "
               f"{FILE_BYTES / 1e6:.0f} MB "

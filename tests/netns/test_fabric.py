@@ -361,7 +361,8 @@ BAD_TOPOLOGIES = [
      'topology: link #1: "b" is required and must be a node name'),
     ("bad role",
      topo_dict(node=[{"name": "r1", "role": "relay"}]),
-     "topology: node #1 (r1): bad role 'relay': want one of router, gateway, exit, internet"),
+     "topology: node #1 (r1): bad role 'relay': want one of router, gateway, exit, internet, "
+     "host"),
     ("services not a list",
      topo_dict(node=[{"name": "r1", "services": "sharp"}]),
      'topology: node #1 (r1): "services" must be a list of strings'),

@@ -41,7 +41,7 @@ def line3(extra_host: bool = False) -> Topology:
     nodes = [{"name": "r1"}, {"name": "r2"}, {"name": "r3"}]
     links = [{"a": "r1", "b": "r2"}, {"a": "r2", "b": "r3"}]
     if extra_host:
-        nodes.append({"name": "ix", "role": "internet"})
+        nodes.append({"name": "ix", "role": "host"})
         links.append({"a": "ix", "b": "r2"})
     return Topology.from_dict({"name": "links", "node": nodes, "link": links})
 
