@@ -115,8 +115,8 @@ class InternetTraffic:
     """Every router that uses an exit downloads the internet host's file
     again and again, through its exit tunnel."""
 
-    def __init__(self, mesh: EmulatedMesh, workdir: Path, size: int = 500_000,
-                 pause: float = 2.0) -> None:
+    def __init__(self, mesh: EmulatedMesh, workdir: Path, size: int = 100_000,
+                 pause: float = 4.0) -> None:
         internet = [n.name for n in mesh.topology.nodes if n.role == "internet"]
         self.clients = [name for name, router in mesh.routers.items()
                         if router.config.get("exit", {}).get("exits")]

@@ -9,6 +9,7 @@
     meshctl route tradeoff [0..1000]  how much price weighs against quality
     meshctl route babel               Babel neighbors, link costs, malformed counters
     meshctl exits                     exits in use (client), clients (exit), exits announced
+                                      (also `meshctl exit`)
     meshctl events [--follow]         the node's event log, decoded
     meshctl upgrade SERVICE PACKAGE   a new release of one service, restarting only it
     meshctl inject ping --count N     test traffic for sharp (the chassis' probe)
@@ -368,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     routes.set_defaults(func=cmd_routes)
 
     exits = sub.add_parser(
-        "exits", help="exits: the one a client uses, an exit's clients, a gateway's exits")
+        "exits", aliases=["exit"],
+        help="exits: the one a client uses, an exit's clients, a gateway's exits")
     exits.add_argument("--json", action="store_true", help="as JSON")
     exits.set_defaults(func=cmd_exits)
 

@@ -94,25 +94,33 @@ def status_rows(emulated: mesh_mod.EmulatedMesh) -> list[list[object]]:
     """Per router: its services' health, its links, and how many events it handled."""
     rows: list[list[object]] = []
     for name, router in emulated.routers.items():
-        healths = {s: client.health(router.layout.socket(s)) for s in router.services}
-        sick = [f"{s}:{h.lower()}" for s, h in healths.items() if h != "SERVING"]
-        handled = 0
-        for service, health in healths.items():
-            if health == "SERVING":
-                handled += client.status(router.layout.socket(service)).events_handled
-        links, price, paid = "-", "-", "-"
-        node = client.Node.open(router.layout.root)
-        if healths.get("link") == "SERVING":
-            links = " ".join(_link_cell(r) for r in client.neighbor_rows(node)) or "-"
-        if healths.get("meter") == "SERVING":
-            price = client.status(node.socket("meter")).summary["price"]
-            price = f"{int(price)}/B"
-        if healths.get("pay") == "SERVING":
-            sent, received, channels = _payments(router)
-            paid = f"{_short(-sent)}/{_short(received)} in {channels} ch"
-        rows.append([name, "SERVING" if not sick else " ".join(sick), price, links, paid,
-                     handled])
+        try:
+            rows.append(_status_row(name, router))
+        except client.NodeError as err:
+            # A service restarting, or too busy to answer in time.
+            rows.append([name, f"unreachable: {err}"[:40], "-", "-", "-", 0])
     return rows
+
+
+def _status_row(name: str, router: mesh_mod.RouterNode) -> list[object]:
+    """One router's row: its services' health, price, links, payments, events."""
+    healths = {s: client.health(router.layout.socket(s)) for s in router.services}
+    sick = [f"{s}:{h.lower()}" for s, h in healths.items() if h != "SERVING"]
+    handled = 0
+    for service, health in healths.items():
+        if health == "SERVING":
+            handled += client.status(router.layout.socket(service)).events_handled
+    links, price, paid = "-", "-", "-"
+    node = client.Node.open(router.layout.root)
+    if healths.get("link") == "SERVING":
+        links = " ".join(_link_cell(r) for r in client.neighbor_rows(node)) or "-"
+    if healths.get("meter") == "SERVING":
+        price = client.status(node.socket("meter")).summary["price"]
+        price = f"{int(price)}/B"
+    if healths.get("pay") == "SERVING":
+        sent, received, channels = _payments(router)
+        paid = f"{_short(-sent)}/{_short(received)} in {channels} ch"
+    return [name, "SERVING" if not sick else " ".join(sick), price, links, paid, handled]
 
 
 ROUTE_HEADERS = ["router", "routes: destination>next hop (metric, price paid wei/B)",
@@ -169,9 +177,15 @@ def _exit_tunnels_up(emulated: mesh_mod.EmulatedMesh) -> tuple[int, int]:
     """Clients whose exit tunnel carries traffic, of the routers told to use exits."""
     clients = [r for r in emulated.routers.values()
                if "exit" in r.services and r.config.get("exit", {}).get("exits")]
-    done = sum(1 for r in clients if any(
-        row["role"] == "client" and "tunnel up" in str(row["state"])
-        for row in client.exit_rows(client.Node.open(r.layout.root))) if _serving(r, "exit"))
+    done = 0
+    for router in clients:
+        if not _serving(router, "exit"):
+            continue
+        try:
+            rows = client.exit_rows(client.Node.open(router.layout.root))
+        except client.NodeError:
+            continue  # restarting just now
+        done += any(row["role"] == "client" and "tunnel up" in str(row["state"]) for row in rows)
     return done, len(clients)
 
 
@@ -327,6 +341,17 @@ def _settled(emulated: mesh_mod.EmulatedMesh, timeout: float) -> dict[str, dict[
 
 def cmd_demo(args: argparse.Namespace) -> int:
     emulated = _start(args)
+    try:
+        return _demo(emulated, args)
+    finally:
+        # Also when the demo fails: a mesh left behind would load the machine.
+        if args.keep:
+            print(f"left running: `meshctl emu down --prefix {args.prefix}` removes it")
+        else:
+            emulated.stop(_progress, keep_files=False)
+
+
+def _demo(emulated: mesh_mod.EmulatedMesh, args: argparse.Namespace) -> int:
     _wait_stage("links up (each end)", lambda: _links_up(emulated), timeout=120)
     _wait_stage("routes converged", lambda: _routes_converged(emulated), timeout=120)
     _wait_stage("payment channels open", lambda: _channels_open(emulated), timeout=120)
@@ -388,10 +413,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"({paid - received} wei in flight)")
     report = reconcile(ledgers, DEMO_PAY_THRESHOLD)
     print("\n".join(report.lines()))
-    if args.keep:
-        print(f"left running: `meshctl emu down --prefix {args.prefix}` removes it")
-    else:
-        emulated.stop(_progress, keep_files=False)
     return 0 if healthy and handled > 0 and report.ok else 1
 
 

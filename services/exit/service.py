@@ -22,6 +22,7 @@ import dataclasses
 import ipaddress
 import logging
 import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,11 +30,13 @@ from typing import Any
 import grpc
 from mesh.exit.v1 import exit_pb2, registration_pb2, registration_pb2_grpc
 
+from dataplane.shim import NftError
 from services.common.config import ConfigError, NodeConfig
 from services.common.identity import Identity, chain_address
 from services.common.logs import kv
 from services.common.money import amount, money
 from services.common.runtime import Outgoing, ServiceDefinition, ServiceRuntime
+from services.common.wireguard import WireGuardError
 
 from . import effects
 from .handlers import CLIENT, EXIT, GATEWAY, make_handlers, summarize
@@ -254,7 +257,10 @@ class ExitLoop:
                     clients=len(self.rt.state.clients)))
         try:
             while not self.rt.stopping.is_set():
-                await self.watch_clients()
+                try:
+                    await self.watch_clients()
+                except (WireGuardError, OSError, NftError, subprocess.SubprocessError) as err:
+                    log.warning(kv("exit.kernel_failed", error=str(err)))
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.rt.stopping.wait(), self.settings.sample_interval)
         finally:
@@ -391,6 +397,11 @@ class ExitLoop:
                 await self.client_tick()
             except grpc.aio.AioRpcError as err:
                 log.info(kv("exit.call_failed", code=err.code().name, detail=err.details()))
+            except (WireGuardError, OSError, subprocess.SubprocessError) as err:
+                # The kernel refused a change: said, and tried again next tick.
+                log.warning(kv("exit.tunnel_failed", tunnel=self.client_tunnel or "-",
+                               error=str(err)))
+                self.client_tunnel = ""
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.rt.stopping.wait(), TICK_SECONDS)
 

@@ -61,8 +61,18 @@ def on_route_changed(
         raise MalformedEvent(f"route to {route.prefix}: {err}") from None
     if price > MAX_SANE_PRICE:
         raise MalformedEvent(f"route to {route.prefix}: price {price} wei/byte is absurd")
+    alternatives = {a.next_hop_id: a.price for a in route.alternatives}
+    for neighbor, offered in alternatives.items():
+        try:
+            their = amount(offered)
+        except MoneyError as err:
+            raise MalformedEvent(f"route to {route.prefix} via {neighbor}: {err}") from None
+        if their > MAX_SANE_PRICE:
+            raise MalformedEvent(f"route to {route.prefix} via {neighbor}: price {their} "
+                                 "wei/byte is absurd")
     state.routes[route.prefix].CopyFrom(meter_pb2.MeterState.RoutePrice(
-        next_hop_id=route.next_hop_id, tx_price=money(price), rx_price=money(price)))
+        next_hop_id=route.next_hop_id, tx_price=money(price), rx_price=money(price),
+        alternative_prices=alternatives))
     return []
 
 

@@ -52,10 +52,13 @@ def our_price(state: meter_pb2.MeterState, prefix: str) -> int:
 
 def their_price(state: meter_pb2.MeterState, neighbor: str, prefix: str, default: int) -> int:
     """What we pay a neighbor per byte to D: its advertised price, if our route
-    to D goes through it; else the documented default."""
+    to D goes through it or it advertises one too (bytes steered through it,
+    as verify's probes are); else the documented default."""
     route = state.routes.get(prefix)
     if route is not None and route.next_hop_id == neighbor:
         return amount(route.rx_price)
+    if route is not None and neighbor in route.alternative_prices:
+        return amount(route.alternative_prices[neighbor])
     return default
 
 

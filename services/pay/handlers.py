@@ -177,12 +177,13 @@ def make_handlers(payer: Payer) -> Mapping[type[Message], Handler[pay_pb2.PaySta
         return []
 
     def on_debt(state: pay_pb2.PayState, event: Event[meter_pb2.DebtChanged]) -> list[Outgoing]:
+        # Each direction is paid by its sender, as its own meter counted it.
+        # Netting the two (paying owed - charged + received) never settles
+        # when the two meters disagree: the payers' excess moves back and
+        # forth between the neighbors, larger every round.
         debt = event.payload
-        what = f"debt with {debt.neighbor_id}"
-        target = (_amount(debt.usage_owed, what) + _amount(debt.payments_received, what)
-                  - _amount(debt.usage_charged, what))
-        neighbor = state.neighbors[debt.neighbor_id]
-        neighbor.pay_target.CopyFrom(money(max(target, 0)))
+        target = _amount(debt.usage_owed, f"debt with {debt.neighbor_id}")
+        state.neighbors[debt.neighbor_id].pay_target.CopyFrom(money(target))
         return pay_due(state, debt.neighbor_id)
 
     def on_opened(state: pay_pb2.PayState, event: Event[pay_pb2.ChannelOpened]) -> list[Outgoing]:

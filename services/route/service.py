@@ -204,7 +204,8 @@ class RouteLoop:
             found.append(route_pb2.RouteChanged.Alternative(
                 next_hop_id=self.neighbor_id(interface, address),
                 next_hop_address=str(other.next_hop or address), tunnel_interface=interface,
-                advertised_metric=other.advertised_metric, metric=other.metric))
+                advertised_metric=other.advertised_metric, metric=other.metric,
+                price=money(other.path_price)))
         return found
 
     def route_event(self, selected: Selected) -> route_pb2.RouteChanged:
@@ -353,8 +354,8 @@ def worth_telling(old: route_pb2.RouteChanged, new: route_pb2.RouteChanged) -> b
             and old.tunnel_interface == new.tunnel_interface
             and old.path_price == new.path_price and old.advertised_price == new.advertised_price
             and old.penalty == new.penalty and old.router_id == new.router_id
-            and [a.next_hop_id for a in old.alternatives]
-            == [a.next_hop_id for a in new.alternatives])
+            and [(a.next_hop_id, a.price) for a in old.alternatives]
+            == [(a.next_hop_id, a.price) for a in new.alternatives])
     if not same:
         return True
     metrics = [(old.metric, new.metric)] + [

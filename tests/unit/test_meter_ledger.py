@@ -58,6 +58,18 @@ def test_our_price_to_a_destination_includes_our_route() -> None:
     assert amount(state.ledgers["b"].debt.usage_charged) == 100 * (10 + 5)
 
 
+def test_bytes_through_a_neighbor_off_our_route_cost_its_advertised_price() -> None:
+    """verify probes through every neighbor advertising a prefix: we owe such
+    a neighbor what it advertised, as it charges us, not the default."""
+    state = fresh()
+    fold(state, route_pb2.RouteChanged(
+        prefix="2001:db8::/64", next_hop_id="c", path_price=money(5),
+        alternatives=[route_pb2.RouteChanged.Alternative(next_hop_id="b", price=money(9))]))
+    fold(state, sample("mwb", **{"2001_db8__/64": (0, 0)}))
+    fold(state, sample("mwb", **{"2001_db8__/64": (0, 100)}))
+    assert amount(state.ledgers["b"].debt.usage_owed) == 100 * 9
+
+
 def test_thresholds_throttle_then_block_and_payment_restores() -> None:
     state = fresh()
     fold(state, sample("mwb", other=(0, 0)))

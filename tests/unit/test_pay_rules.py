@@ -83,12 +83,12 @@ def linked(with_channels: bool = True) -> pay_pb2.PayState:
 
 def test_a_debt_over_the_threshold_is_paid_with_one_signed_cumulative_proof() -> None:
     state = linked()
-    [sent] = fold(state, debt(owed=5_000, charged=1_000))
+    [sent] = fold(state, debt(owed=4_000, charged=1_000))
     proof = sent.payload
     assert (proof.nonce, amount(proof.cumulative), amount(proof.amount)) == (1, 4_000, 4_000)
     assert DOMAIN.signer(OUT_ID, 1, 4_000, proof.signature) == OURS
     # the next debt pays only the difference, on the next nonce
-    [sent] = fold(state, debt(owed=9_000, charged=1_000))
+    [sent] = fold(state, debt(owed=8_000, charged=1_000))
     assert (sent.payload.nonce, amount(sent.payload.cumulative),
             amount(sent.payload.amount)) == (2, 8_000, 4_000)
     assert amount(state.neighbors["r2"].paid) == 8_000
@@ -102,10 +102,19 @@ def test_a_debt_under_the_threshold_or_already_paid_pays_nothing() -> None:
     assert fold(state, debt(owed=5_500)) == []  # 500 more is under the threshold
 
 
-def test_a_neighbor_that_paid_us_is_netted_before_we_pay() -> None:
-    state = linked()
-    # we owe 5,000 for usage, it owes 4,500; netted, 500 is under the threshold
-    assert fold(state, debt(owed=5_000, charged=4_500)) == []
+def test_each_direction_is_paid_by_its_sender_and_disagreeing_meters_settle() -> None:
+    """What it sent us is its to pay; what it paid us does not make us pay
+    more. Netted, two meters that disagree by a few percent paid each other
+    back and forth without end."""
+    ours, theirs = linked(), linked()
+    # We count 10,000 owed for what we sent and 5,000 charged for what it
+    # sent; its meter says 9,600 and 4,800 (loss on the way).
+    [sent] = fold(ours, debt(owed=10_000, charged=5_000))
+    assert amount(sent.payload.cumulative) == 10_000
+    [its] = fold(theirs, debt(owed=4_800, charged=9_600, received=10_000))
+    assert amount(its.payload.cumulative) == 4_800
+    # Its payment arriving does not make us pay again.
+    assert fold(ours, debt(owed=10_000, charged=5_000, received=4_800)) == []
 
 
 def test_debt_waits_for_a_channel_and_the_deposit_caps_each_proof() -> None:
