@@ -56,10 +56,12 @@ class Prober:
         self.sock.close()
 
     async def burst(self, targets: list[Target], count: int, spacing: float,
-                    timeout: float, max_hops: int = 12) -> dict[str, Probes]:
+                    timeout: float, max_hops: int = 12,
+                    count_hops: set[str] | None = None) -> dict[str, Probes]:
         """`count` probes to each target, interleaved, `spacing` seconds apart,
-        then two with each hop limit 1..max_hops (the fewest answered counts
-        the links there); replies are awaited `timeout` seconds after the last."""
+        then, to the targets in `count_hops` (all if None), two with each hop
+        limit 1..max_hops (the fewest answered counts the links there);
+        replies are awaited `timeout` seconds after the last."""
         loop = asyncio.get_running_loop()
         ident = random.randrange(0x10000)
         pending: dict[int, _Pending] = {}
@@ -91,6 +93,9 @@ class Prober:
             rounds = [None] * count + [h for h in range(1, max_hops + 1) for _ in range(2)]
             for hop_limit in rounds:
                 for target in targets:
+                    if hop_limit is not None and count_hops is not None \
+                            and target.key not in count_hops:
+                        continue
                     seq = (seq + 1) & 0xFFFF
                     pending[seq] = _Pending(target, time.monotonic(), hop_limit)
                     self._send(target, ident, seq, hop_limit)

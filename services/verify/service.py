@@ -94,6 +94,17 @@ def vias(target: verify_pb2.VerifyState.Target) -> list[Via]:
             a.advertised_metric) for a in target.alternatives]
 
 
+# Links to a target are counted again every this many windows.
+REMEASURE_WINDOWS = 6
+
+HopKey = tuple[str, str, str, int]
+
+
+def hop_key(prefix: str, via: Via, target: verify_pb2.VerifyState.Target) -> HopKey:
+    """A route to count links on: a new route (or a changed one) counts afresh."""
+    return (prefix, via.neighbor_id, via.next_hop_address, target.changed_at.ToNanoseconds())
+
+
 def probeable(prefix: str) -> bool:
     network = ip_network(prefix)
     return isinstance(network, IPv6Network) and network.prefixlen == 128
@@ -107,6 +118,10 @@ class Verifier:
         self.steering = Steering()
         self.netlink = NetlinkThread("steering")
         self.slots: dict[str, int] = {}  # neighbor id -> steering slot
+        # Links to each target through each neighbor, for the route as it
+        # stands: the fewest any measurement found (a lost hop-limited probe
+        # only ever adds one), and windows since it was last measured.
+        self.hops: dict[HopKey, tuple[int, int]] = {}
 
     def choose(self) -> list[tuple[str, verify_pb2.VerifyState.Target, bool]]:
         """(prefix, target, sampled): in use first, then a random sample, of
@@ -142,15 +157,38 @@ class Verifier:
                  for via in vias(target) if self.slot(via.neighbor_id) not in failed]
         targets = [Target(f"{prefix} {via.neighbor_id}", str(ip_network(prefix).network_address),
                           mark_of(self.slot(via.neighbor_id))) for prefix, via, _ in plans]
+        keys = {f"{prefix} {via.neighbor_id}": hop_key(prefix, via, self.rt.state.targets[prefix])
+                for prefix, via, _ in plans}
+        # Hop-limited probes die on the way, after the hop before has billed
+        # them: they are sent only to count the links again now and then.
+        count_hops = {name for name, key in keys.items()
+                      if self.hops.get(key, (0, REMEASURE_WINDOWS))[1] >= REMEASURE_WINDOWS}
         start = timestamp_pb2.Timestamp()
         start.GetCurrentTime()
         results = await prober.burst(targets, self.settings.probes, self.settings.probe_spacing,
-                                     self.settings.reply_timeout)
+                                     self.settings.reply_timeout, count_hops=count_hops)
         end = timestamp_pb2.Timestamp()
         end.GetCurrentTime()
+        # Routes that changed or went count afresh.
+        targets_now = self.rt.state.targets
+        self.hops = {key: hops for key, hops in self.hops.items() if key[0] in targets_now
+                     and key[3] == targets_now[key[0]].changed_at.ToNanoseconds()}
         for prefix, via, sampled in plans:
-            await self.record(prefix, via, sampled, results[f"{prefix} {via.neighbor_id}"],
+            name = f"{prefix} {via.neighbor_id}"
+            await self.record(prefix, via, sampled, self.with_hops(keys[name], results[name]),
                               start, end)
+
+    def with_hops(self, key: HopKey, probes: Probes) -> Probes:
+        """The probes with the fewest links counted to their target so far."""
+        known, age = self.hops.get(key, (0, 0))
+        if probes.forward_hops is not None:
+            fewest = min(probes.forward_hops, known) if known else probes.forward_hops
+            self.hops[key] = (fewest, 0)
+            return dataclasses.replace(probes, forward_hops=fewest)
+        if known:
+            self.hops[key] = (known, age + 1)
+            return dataclasses.replace(probes, forward_hops=known)
+        return probes
 
     async def record(self, prefix: str, via: Via, sampled: bool, probes: Probes,
                      start: timestamp_pb2.Timestamp, end: timestamp_pb2.Timestamp) -> None:

@@ -8,7 +8,7 @@ from mesh.verify.v1 import verify_pb2
 
 from services.verify.handlers import make_handlers
 from services.verify.judge import PenaltyPolicy, Probes, Tolerance, measured_metric, verdict
-from services.verify.service import vias
+from services.verify.service import REMEASURE_WINDOWS, Verifier, vias
 from tests.unit.events import event
 
 TOLERANCE = Tolerance()
@@ -107,3 +107,20 @@ def test_only_routes_are_targets_and_retractions_remove_them() -> None:
     handlers[route_pb2.RouteChanged](state, event(route_pb2.RouteChanged(
         prefix="2001:db8::1/128", change=route_pb2.ROUTE_CHANGE_RETRACTED)))
     assert not state.targets
+
+
+def test_links_are_counted_now_and_then_and_the_fewest_found_is_kept() -> None:
+    """Hop-limited probes die on the way after the hop before billed them: the
+    count is kept per route and taken again every few windows; a lost probe
+    (one link too many) does not stick."""
+    verifier = Verifier.__new__(Verifier)
+    verifier.hops = {}
+    key = ("2001:db8::9/128", "r2", "fe80::2", 1)
+    assert verifier.with_hops(key, probes(10, 10, 3)).forward_hops == 3
+    unmeasured = Probes(10, [0.001] * 10, [62] * 10)  # no hop-limited round this window
+    assert verifier.with_hops(key, unmeasured).forward_hops == 3
+    assert verifier.with_hops(key, probes(10, 10, 4)).forward_hops == 3  # one was lost
+    assert verifier.hops[key] == (3, 0)
+    for _ in range(REMEASURE_WINDOWS):
+        verifier.with_hops(key, unmeasured)
+    assert verifier.hops[key][1] >= REMEASURE_WINDOWS  # due to be counted again
