@@ -117,7 +117,7 @@ class ExitSettings:
     cut_off_debt: int = field(default=10**14, metadata={
         "help": "an exit cuts a client off when it owes more than this (wei) beyond "
                 "debt_tolerance, and lets it back once it has paid"})
-    debt_tolerance: float = field(default=0.05, metadata={
+    debt_tolerance: float = field(default=0.1, metadata={
         "help": "share of a client's usage its debt may exceed cut_off_debt by: what the exit "
                 "sent and the client never received is on the exit's bill only"})
     registration_window: float = field(default=300.0, metadata={
