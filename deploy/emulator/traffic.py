@@ -125,18 +125,15 @@ class InternetTraffic:
         self.mesh = mesh
         self.pause = pause
         self.stop = threading.Event()
-        self.downloaded = 0
         self.threads = [threading.Thread(target=self._run, args=(c,), daemon=True,
                                          name=f"internet-{c}") for c in self.clients]
 
     def _run(self, router: str) -> None:
         assert self.server is not None
         while not self.stop.is_set():
-            done = self.mesh.fabric.run(router, [
-                "curl", "-sS", "-g", "-o", "/dev/null", "--max-time", "20",
-                "-w", "%{size_download}", self.server.url], check=False)
-            if done.returncode == 0 and done.stdout.isdigit():
-                self.downloaded += int(done.stdout)
+            # A failed download (the exit changing, say) is simply the next one's turn.
+            self.mesh.fabric.run(router, ["curl", "-sS", "-g", "-o", "/dev/null", "--max-time",
+                                          "20", self.server.url], check=False)
             self.stop.wait(self.pause)
 
     def __enter__(self) -> InternetTraffic:

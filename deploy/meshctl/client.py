@@ -291,6 +291,16 @@ def exit_rows(node: Node) -> list[dict[str, object]]:
 
     state = exit_pb2.ExitState()
     status(node.socket("exit")).state.Unpack(state)
+    def billed(record: exit_pb2.ExitState.Exit | exit_pb2.ExitState.Client
+               ) -> dict[str, object]:
+        """What either side metered and billed on the tunnel, at the exit's prices."""
+        registration = record.registration
+        return {"bytes_up": record.bytes_up, "bytes_down": record.bytes_down,
+                "owed_wei": amount(record.balance.usage_charged),
+                "paid_wei": amount(record.balance.payments),
+                "price_up": amount(registration.price_up),
+                "price_down": amount(registration.price_down)}
+
     rows: list[dict[str, object]] = []
     for exit_id, known in sorted(state.exits.items()):
         registration = known.registration
@@ -300,24 +310,15 @@ def exit_rows(node: Node) -> list[dict[str, object]]:
             + (", tunnel up" if known.tunnel_up else ""),
             "addresses": ",".join(registration.client_addresses) or "-",
             "metric": known.route.metric if known.HasField("route") else "-",
-            "bytes_up": known.bytes_up, "bytes_down": known.bytes_down,
-            "owed_wei": amount(known.balance.usage_charged),
-            "paid_wei": amount(known.balance.payments),
-            "price_up": amount(registration.price_up),
-            "price_down": amount(registration.price_down),
+            **billed(known),
         })
     for client_id, admitted in sorted(state.clients.items()):
-        registration = admitted.registration
         rows.append({
             "role": "exit", "peer": client_id,
             "state": ("cut off" if admitted.access == exit_pb2.CLIENT_ACCESS_BLOCKED
                       else "tunnel up" if admitted.tunnel_up else "registered"),
-            "addresses": ",".join(registration.client_addresses), "metric": "-",
-            "bytes_up": admitted.bytes_up, "bytes_down": admitted.bytes_down,
-            "owed_wei": amount(admitted.balance.usage_charged),
-            "paid_wei": amount(admitted.balance.payments),
-            "price_up": amount(registration.price_up),
-            "price_down": amount(registration.price_down),
+            "addresses": ",".join(admitted.registration.client_addresses), "metric": "-",
+            **billed(admitted),
         })
     for exit_id, up in sorted(state.gateway_tunnels.items()):
         rows.append({"role": "gateway", "peer": exit_id, "state": "announced",

@@ -16,6 +16,7 @@ from mesh.route.v1 import route_pb2
 from services.common.envelope import Event, MalformedEvent
 from services.common.money import MoneyError, amount, money
 from services.common.runtime import Handler, Outgoing
+from services.pay.handlers import client_counterparty, exit_counterparty
 
 EXIT, CLIENT, GATEWAY = (exit_pb2.EXIT_ROLE_EXIT, exit_pb2.EXIT_ROLE_CLIENT,
                          exit_pb2.EXIT_ROLE_GATEWAY)
@@ -77,11 +78,12 @@ def settle(balance: exit_pb2.ClientDebtChanged, usage: int, payments: int) -> No
 def _record(state: exit_pb2.ExitState, counterparty: str
             ) -> exit_pb2.ExitState.Client | exit_pb2.ExitState.Exit | None:
     """The client or exit behind pay's id for it (None for a neighbor's)."""
-    kind, _, peer = counterparty.partition(":")
-    if kind == "client" and peer in state.clients:
-        return state.clients[peer]
-    if kind == "exit" and peer in state.exits:
-        return state.exits[peer]
+    for peer, client in state.clients.items():
+        if client_counterparty(peer) == counterparty:
+            return client
+    for peer, known in state.exits.items():
+        if exit_counterparty(peer) == counterparty:
+            return known
     return None
 
 
