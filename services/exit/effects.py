@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import socket
+import struct
 
 from dataplane.policy import check_ifnames
 from dataplane.shim import Nft
@@ -22,6 +24,7 @@ NAT_TABLE = "inet mesh_nat"
 # Routes this service installs (the default route through the exit).
 ROUTE_PROTOCOL = "78"
 KEEPALIVE_SECONDS = 1
+ICMPV6_ECHO_REQUEST = 128
 
 
 def exit_interface(own_wireguard_key: bytes) -> str:
@@ -32,6 +35,19 @@ def exit_interface(own_wireguard_key: bytes) -> str:
 def client_interface(own_wireguard_key: bytes, exit_wireguard_key: bytes) -> str:
     digest = hashlib.sha256(own_wireguard_key + exit_wireguard_key).hexdigest()
     return EXIT_TUNNEL_PREFIX + digest[:8]
+
+
+def probe(address: str, interface: str, sequence: int) -> None:
+    """An ICMPv6 echo request to the exit's own tunnel address, through the
+    tunnel. WireGuard's keepalives stop while we keep sending (a client the
+    exit has cut off hears nothing back), but the exit answers this even
+    then: the answer comes from the exit itself, not forwarded. WireGuard
+    counts the answer; nothing here reads it."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+        # The kernel fills in an ICMPv6 checksum (RFC 3542).
+        sock.sendto(struct.pack("!BBHHH", ICMPV6_ECHO_REQUEST, 0, 0, 0x6d78, sequence & 0xFFFF),
+                    (address, 0))
 
 
 def b64(key: bytes) -> str:
@@ -96,8 +112,9 @@ class ExitTunnels:
         run(["ip", "link", "set", name, "up"])
 
     def ensure_client_peer(self, name: str, peer_key: bytes, addresses: list[str]) -> None:
-        self.wireguard.set(name, ["peer", b64(peer_key), "allowed-ips", ",".join(addresses),
-                                  "persistent-keepalive", str(KEEPALIVE_SECONDS)])
+        """A client on the exit's tunnel. No keepalives from this end: the
+        client's keep its path open, and it probes when it wants an answer."""
+        self.wireguard.set(name, ["peer", b64(peer_key), "allowed-ips", ",".join(addresses)])
 
     def ensure_client(self, name: str, exit_key: bytes, endpoint: str,
                       addresses: list[str]) -> None:

@@ -60,6 +60,8 @@ AVOID_SECONDS = 30.0
 RETRY_SECONDS = 5.0
 # A gateway withdraws an exit after this many probes in a row went unanswered.
 PROBES_LOST = 3
+# A client whose tunnel has been quiet this long asks the exit for an answer.
+PROBE_AFTER_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,7 @@ class ExitLoop:
         self.client_tunnel = ""
         self.last_received = (0, 0.0)
         self.last_sampled = 0.0
+        self.probes_sent = 0
 
     def offer(self) -> registration_pb2.ExitOffer:
         return registration_pb2.ExitOffer(
@@ -446,7 +449,13 @@ class ExitLoop:
                     local_addresses=registration.client_addresses)))
                 log.info(kv("exit.tunnel_up", exit=exit_id, tunnel=name))
             return
-        if now - self.last_received[1] < self.settings.liveness_seconds:
+        silent = now - self.last_received[1]
+        if silent < self.settings.liveness_seconds:
+            if silent >= PROBE_AFTER_SECONDS:
+                self.probes_sent += 1
+                registration = self.rt.state.exits[exit_id].registration
+                await asyncio.to_thread(effects.probe, registration.exit_tunnel_address, name,
+                                        self.probes_sent)
             return
         log.warning(kv("exit.unresponsive", exit=exit_id, tunnel=name,
                        silent_s=round(now - self.last_received[1], 1)))

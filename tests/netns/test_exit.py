@@ -30,6 +30,7 @@ from deploy.node import run_supervisorctl
 from services.common.identity import Identity
 from services.common.money import amount
 from services.exit.registration import registration_message
+from services.exit.service import ExitSettings
 from tests.conftest import require_root, wait_for
 from tests.netns.babeld import Capture
 from tests.netns.test_route import reaches, run_meshctl
@@ -41,6 +42,7 @@ SERVICES = ("discovery", "link", "route", "pay")
 # beyond 2*10^12 wei (1 MB of response traffic at its default price).
 FAST = {"route": {"hello_interval": 1.0}, "meter": {"pay_threshold": 10**11}}
 CUT_OFF_DEBT = 2 * 10**12
+LIVENESS_SECONDS = ExitSettings().liveness_seconds
 MARKER = b"plaintext-marker-7f3a"
 FILE_BYTES = 4_000_000
 
@@ -318,6 +320,13 @@ def test_a_client_that_stops_paying_is_cut_off_until_it_pays(
         request.signature = keys.sign(registration_message(request))
         [answer] = register_from_the_internet(mesh, [request])
         assert answer.startswith("PERMISSION_DENIED REFUSAL_REASON_BLOCKED: cut off for"), answer
+        # c keeps sending into the tunnel for longer than its liveness window
+        # and hears nothing from the internet, yet keeps the tunnel: ex still
+        # answers it, and it is the only way c can pay.
+        quiet_until = time.monotonic() + LIVENESS_SECONDS + 2
+        while time.monotonic() < quiet_until:
+            assert download(mesh, web.url, 2).returncode != 0
+        assert tunneled(mesh), exit_state(mesh, "c")
     finally:
         run_supervisorctl(c, "start", "pay")
     wait_for("c to pay and be let back", lambda: exit_state(
