@@ -270,12 +270,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     init.add_argument("--id", required=True, help="the router's name")
     init.add_argument("--services", default="sharp", help="comma-separated services to run")
     init.add_argument("--nats-port", type=int, default=4222, help="loopback port of nats-server")
+    init.add_argument("--interfaces", default="",
+                      help="comma-separated interfaces facing other routers (default: every "
+                      "physical one but the uplinks)")
+    init.add_argument("--uplinks", default="",
+                      help="comma-separated interfaces to the internet (a gateway's or exit's)")
     args = parser.parse_args(argv)
     services = [s for s in args.services.split(",") if s]
     for service in services:
         if not (REPO / "services" / service / "__main__.py").exists():
             parser.error(f"no service named {service!r} in {REPO / 'services'}")
-    layout = init_node(args.dir, args.id, services=services, nats_port=args.nats_port)
+    layout = init_node(args.dir, args.id, services=services, nats_port=args.nats_port,
+                       interfaces=[i for i in args.interfaces.split(",") if i],
+                       uplinks=[i for i in args.uplinks.split(",") if i])
     print(f"wrote {layout.node_file}, {layout.nats_file}, {layout.supervisor_file}")
 
 

@@ -12,6 +12,7 @@
                                       (also `meshctl exit`)
     meshctl events [--follow]         the node's event log, decoded
     meshctl upgrade SERVICE PACKAGE   a new release of one service, restarting only it
+    meshctl contract deploy           put the channel contract on a chain (a real one too)
     meshctl inject ping --count N     test traffic for sharp (the chassis' probe)
     meshctl emu up|down|status|clean  the emulated mesh (network namespaces)
     meshctl demo                      bring up the emulated mesh and watch it
@@ -171,6 +172,48 @@ def cmd_identity(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
     else:
         print("\n".join(f"{key:<14} {value}" for key, value in doc.items()))
+    return 0
+
+
+def cmd_contract_deploy(args: argparse.Namespace) -> int:
+    from web3.exceptions import TimeExhausted
+
+    from services.common.identity import Identity, IdentityError
+    from services.pay.chain import connect
+    from services.pay.contracts import DeployError, deploy_signed
+
+    node = resolve_node(args.node)
+    url = args.chain_url or node.config.sections.get("pay", {}).get("chain_url", "")
+    if not url:
+        raise NodeError("no chain: give --chain-url, or set [pay] chain_url in node.toml")
+    try:
+        identity = Identity.load_or_create(node.config.node.data_dir / "keys")
+    except IdentityError as err:
+        raise NodeError(str(err)) from None
+    w3 = connect(url)
+    try:
+        chain_id = int(w3.eth.chain_id)
+    except Exception as err:  # any transport's failure: the URL is what is wrong
+        raise NodeError(f"cannot reach a chain at {url}: {err}") from None
+    print(f"deploying MeshChannels on chain {chain_id} from 0x{identity.chain_address.hex()} "
+          f"(this router's identity), waiting for it to be mined ...", file=sys.stderr)
+    try:
+        receipt = deploy_signed(w3, identity.signing_key, timeout=args.timeout)
+    except DeployError as err:
+        raise NodeError(str(err)) from None
+    except TimeExhausted:
+        raise NodeError(f"not mined after {args.timeout:.0f}s: the transaction may still be; "
+                        "look for the account's contract before deploying again") from None
+    address = receipt["contractAddress"]
+    doc = {"contract": address, "chain_id": chain_id, "chain_url": url,
+           "block": receipt["blockNumber"], "gas_used": receipt["gasUsed"],
+           "deployer": "0x" + identity.chain_address.hex()}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"MeshChannels at {address} (block {doc['block']}, {doc['gas_used']} gas).\n"
+              "Every router of the mesh pays through it: in each one's node.toml,\n\n"
+              f'[pay]\nchain_url = "{url}"\ncontract = "{address}"')
     return 0
 
 
@@ -396,6 +439,21 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade.add_argument("--timeout", type=float, default=60.0,
                          help="seconds to wait for SERVING before rolling back (default 60)")
     upgrade.set_defaults(func=cmd_upgrade)
+
+    contract = sub.add_parser("contract", help="the payment-channel contract on a chain")
+    contract_sub = contract.add_subparsers(dest="what", required=True)
+    deploy = contract_sub.add_parser(
+        "deploy", help="deploy the channel contract, paid by this router's chain address",
+        description="Deploy MeshChannels on an EVM chain in a transaction signed with this "
+        "router's identity key (see `meshctl identity` for its chain address, which needs "
+        "funds for the gas), wait for it to be mined, and print the [pay] lines for node.toml.")
+    deploy.add_argument("--chain-url", default="",
+                        help="JSON-RPC: http(s)://host:port or a node's IPC socket path "
+                        "(default: [pay] chain_url of the node)")
+    deploy.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds to wait for the transaction to be mined (default 300)")
+    deploy.add_argument("--json", action="store_true", help="as JSON")
+    deploy.set_defaults(func=cmd_contract_deploy)
 
     events = sub.add_parser("events", help="print the node's event log")
     events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
