@@ -119,9 +119,10 @@ class Verifier:
         self.netlink = NetlinkThread("steering")
         self.slots: dict[str, int] = {}  # neighbor id -> steering slot
         # Links to each target through each neighbor, for the route as it
-        # stands: the fewest any measurement found (a lost hop-limited probe
-        # only ever adds one), and windows since it was last measured.
-        self.hops: dict[HopKey, tuple[int, int]] = {}
+        # stands: the last two counts (the fewer is used: a lost hop-limited
+        # probe only ever adds one; only two, as the neighbor's own route
+        # may change under ours), and windows since the last count.
+        self.hops: dict[HopKey, tuple[int, int, int]] = {}
 
     def choose(self) -> list[tuple[str, verify_pb2.VerifyState.Target, bool]]:
         """(prefix, target, sampled): in use first, then a random sample, of
@@ -162,7 +163,7 @@ class Verifier:
         # Hop-limited probes die on the way, after the hop before has billed
         # them: they are sent only to count the links again now and then.
         count_hops = {name for name, key in keys.items()
-                      if self.hops.get(key, (0, REMEASURE_WINDOWS))[1] >= REMEASURE_WINDOWS}
+                      if self.hops.get(key, (0, 0, REMEASURE_WINDOWS))[2] >= REMEASURE_WINDOWS}
         start = timestamp_pb2.Timestamp()
         start.GetCurrentTime()
         results = await prober.burst(targets, self.settings.probes, self.settings.probe_spacing,
@@ -179,16 +180,16 @@ class Verifier:
                               start, end)
 
     def with_hops(self, key: HopKey, probes: Probes) -> Probes:
-        """The probes with the fewest links counted to their target so far."""
-        known, age = self.hops.get(key, (0, 0))
+        """The probes with the fewer links of the last two counts to their target."""
+        latest, previous, age = self.hops.get(key, (0, 0, 0))
         if probes.forward_hops is not None:
-            fewest = min(probes.forward_hops, known) if known else probes.forward_hops
-            self.hops[key] = (fewest, 0)
-            return dataclasses.replace(probes, forward_hops=fewest)
-        if known:
-            self.hops[key] = (known, age + 1)
-            return dataclasses.replace(probes, forward_hops=known)
-        return probes
+            latest, previous, age = probes.forward_hops, latest, 0
+        elif latest:
+            age += 1
+        else:
+            return probes
+        self.hops[key] = (latest, previous, age)
+        return dataclasses.replace(probes, forward_hops=min(latest, previous or latest))
 
     async def record(self, prefix: str, via: Via, sampled: bool, probes: Probes,
                      start: timestamp_pb2.Timestamp, end: timestamp_pb2.Timestamp) -> None:

@@ -53,6 +53,12 @@ def penalized(mesh: EmulatedMesh, router: str) -> set[str]:
     return {n for n, r in verify_state(mesh, router).neighbors.items() if r.HasField("penalty")}
 
 
+def explain(mesh: EmulatedMesh, router: str) -> str:
+    """What a router's verify holds and last logged (the mesh is gone after)."""
+    log = (mesh.routers[router].layout.log_dir / "verify.log").read_text().splitlines()
+    return "\n".join([str(verify_state(mesh, router).neighbors), *log[-40:]])
+
+
 def windows(mesh: EmulatedMesh, router: str, verdict: str) -> int:
     return sum(r.verdicts[verdict] for r in verify_state(mesh, router).neighbors.values())
 
@@ -65,7 +71,7 @@ def test_a_neighbor_that_overclaims_is_penalized_and_routed_around(
     with running(tmp_path, liar) as mesh:
         healthy = time.monotonic()
         wait_for("r1's verify to penalize r2", lambda: "r2" in penalized(mesh, "r1"),
-                 timeout=60)
+                 timeout=60, explain=lambda: explain(mesh, "r1"))
         caught = time.monotonic() - healthy
         record = verify_state(mesh, "r1").neighbors["r2"]
         assert record.penalty.mode == verify_pb2.PENALTY_MODE_EXCLUDE

@@ -109,10 +109,11 @@ def test_only_routes_are_targets_and_retractions_remove_them() -> None:
     assert not state.targets
 
 
-def test_links_are_counted_now_and_then_and_the_fewest_found_is_kept() -> None:
+def test_links_are_counted_now_and_then_and_the_fewer_of_two_counts_is_used() -> None:
     """Hop-limited probes die on the way after the hop before billed them: the
     count is kept per route and taken again every few windows; a lost probe
-    (one link too many) does not stick."""
+    (one link too many) does not count, nor does a count from before the
+    neighbor's own route grew longer, once counted twice since."""
     verifier = Verifier.__new__(Verifier)
     verifier.hops = {}
     key = ("2001:db8::9/128", "r2", "fe80::2", 1)
@@ -120,7 +121,10 @@ def test_links_are_counted_now_and_then_and_the_fewest_found_is_kept() -> None:
     unmeasured = Probes(10, [0.001] * 10, [62] * 10)  # no hop-limited round this window
     assert verifier.with_hops(key, unmeasured).forward_hops == 3
     assert verifier.with_hops(key, probes(10, 10, 4)).forward_hops == 3  # one was lost
-    assert verifier.hops[key] == (3, 0)
+    assert verifier.hops[key] == (4, 3, 0)
+    # The neighbor now forwards on a longer path: the old count goes.
+    assert verifier.with_hops(key, probes(10, 10, 5)).forward_hops == 4
+    assert verifier.with_hops(key, probes(10, 10, 5)).forward_hops == 5
     for _ in range(REMEASURE_WINDOWS):
         verifier.with_hops(key, unmeasured)
-    assert verifier.hops[key][1] >= REMEASURE_WINDOWS  # due to be counted again
+    assert verifier.hops[key][2] >= REMEASURE_WINDOWS  # due to be counted again
