@@ -9,8 +9,10 @@ enforcement let them through (the chain `metering` hooks `forward` after
 both); so does our own traffic with a neighbor, but only on its tunnel (the
 chains `delivered` and `originated` hook `input` and `output` for interfaces
 matching LOCAL_INTERFACES): a neighbor pays for what it sends us, whether we
-forward it or it is for us, and we pay for what we send through it, whether
-we forward it or it is ours. Each side of a tunnel thus counts the same bytes.
+forward it, it is for us, or it dies here at hop limit 1 (the chain
+`expiring`, on `prerouting`: the kernel drops those before `forward`), and
+we pay for what we send through it, whether we forward it or it is ours.
+Each side of a tunnel thus counts the same bytes.
 A local packet's other interface is empty in its key. Local packets to
 link-local and multicast addresses (the neighbors' Babel, proofs and
 handshakes) are not counted: see LINK_SCOPED.
@@ -195,6 +197,15 @@ def _skeleton(fingerprint: str, local: str) -> str:
         "\t\ttype filter hook output priority filter + 10; policy accept;\n"
         f"\t\t{LINK_SCOPED}\n"
         f'\t\toifname "{local}" {shard}\n'
+        "\t}\n"
+        # What arrives with a hop limit of 1 for someone else dies here,
+        # before `forward` (the kernel checks it first), yet the neighbor
+        # counted it going out: counted as delivered to us, as it was.
+        "\tchain expiring {\n"
+        "\t\ttype filter hook prerouting priority filter + 10; policy accept;\n"
+        f"\t\t{LINK_SCOPED}\n"
+        f'\t\tiifname "{local}" ip6 hoplimit 1 fib daddr type != local {shard}\n'
+        f'\t\tiifname "{local}" ip ttl 1 fib daddr type != local {shard}\n'
         "\t}\n"
         "}\n"
     )

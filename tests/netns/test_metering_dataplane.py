@@ -317,6 +317,34 @@ def test_only_forwarded_packets_count(router: Router) -> None:
         assert after.total(neighbor) == before.total(neighbor)
 
 
+@pytest.mark.netns
+@pytest.mark.parametrize(("dst", "destination", "ip_header"),
+                         [(B6, B_NET6, 40), (B4, B_NET4, 20)])
+def test_what_dies_here_of_its_hop_limit_is_billed_to_its_sender(
+        router: Router, dst: str, destination: str, ip_header: int) -> None:
+    """a counted these going out to r (its tx), so r counts them coming in,
+    though it forwards none: the kernel drops them before `forward`. What
+    arrives for r itself with hop limit 1 is counted once, as delivered."""
+    line = router.line
+    with Nft(netns=line.r) as nft:
+        counters = Counters(nft, local="v-a")  # v-a plays a's tunnel
+        counters.set_destinations(DESTINATIONS)
+        before = counters.snapshot()
+        family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+        with udp_socket(line.a, family) as sock:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
+            for _ in range(20):
+                sock.sendto(bytes(100), (dst, 7000))
+        delta = grew(counters, "v-a", destination, before.usage("v-a", destination), 20)
+        after = counters.snapshot()
+    assert (delta.rx_packets, delta.rx_bytes) == (20, 20 * (100 + 8 + ip_header))
+    # None went on to b.
+    assert after.usage("v-b", destination) == before.usage("v-b", destination)
+
+
 def settled(counters: Counters) -> Snapshot | None:
     """A snapshot, if it equals the one just before it (nothing arriving)."""
     first = counters.snapshot()

@@ -227,3 +227,20 @@ def test_garbage_is_counted_not_raised() -> None:
     speaker.receive("to-b", "fe80::2", b"junk", 0.0)
     assert speaker.stats.dropped == {"unknown-tlv": 1}
     assert speaker.stats.rejected == {"magic": 1}
+
+
+def test_a_route_goes_back_to_the_neighbor_it_goes_through_as_a_retraction() -> None:
+    """Split horizon with poison reverse: a neighbor does not keep a route of
+    ours that now goes through itself, heard before we chose that way (it
+    would steer traffic into a bounce, priced as the route we gave up)."""
+    mesh = SimulatedMesh([("x", "y"), ("y", "z"), ("z", "t"), ("x", "w"), ("w", "t")])
+    mesh.cut.add(frozenset(("z", "t")))
+    mesh.run(6)
+    assert mesh.via("y", "t") == "x" and mesh.via("z", "t") == "y"
+    mesh.cut.clear()
+    mesh.run(2)  # well before y's old Update would expire at z
+    assert mesh.via("y", "t") == "z" and mesh.via("z", "t") == "t"
+    z = mesh.speakers["z"]
+    through_y = [c for c in z.table.candidates(mesh.prefix["t"], z.costs(), {}, feasible_only=False)
+                 if c.neighbor.startswith("to-y/")]
+    assert through_y == []

@@ -80,15 +80,20 @@ def test_skeleton_spreads_packets_over_the_shards() -> None:
     assert "\t\ttype ifname . ifname . ipv6_addr . mark\n" in script
     assert "\t\ttype ifname . ifname . ipv4_addr . mark\n" in script
     chains = re.findall(r"^\tchain (\S+) \{", script, re.MULTILINE)
-    assert chains == [f"m{k}" for k in range(SHARDS)] + ["metering", "delivered", "originated"]
+    assert chains == [f"m{k}" for k in range(SHARDS)] + ["metering", "delivered", "originated",
+                                                         "expiring"]
     assert not {"meter", "fwd", "dst"} & set(chains + list(SETS))  # nft 1.0.6 keywords
     assert (f"\t\tjhash iifname . oifname mod {SHARDS} vmap {{ 0 : goto m0, 1 : goto m1, "
             in script)
     assert "type filter hook forward priority filter + 10; policy accept;" in script
     # our own traffic counts on tunnels only, the links' own upkeep not at all
-    assert script.count("\t\tip6 daddr { fe80::/10, ff00::/8 } return\n") == 2
+    assert script.count("\t\tip6 daddr { fe80::/10, ff00::/8 } return\n") == 3
     assert '\t\tiifname "mw*" jhash iifname . oifname' in script
     assert '\t\toifname "mw*" jhash iifname . oifname' in script
+    # what dies here of its hop limit, before `forward`, counts as delivered
+    assert "type filter hook prerouting priority filter + 10;" in script
+    assert '\t\tiifname "mw*" ip6 hoplimit 1 fib daddr type != local jhash' in script
+    assert '\t\tiifname "mw*" ip ttl 1 fib daddr type != local jhash' in script
     assert counters.skeleton_fingerprint("v-*") != counters.skeleton_fingerprint()
     assert script.endswith('add element inet mesh_meter u6_0 { ":label" . ":label" . :: . 255 '
                            'comment "epoch 0123" }\n')

@@ -273,8 +273,11 @@ class Speaker:
 
     def _updates(self, prefixes: Iterable[Network] | None, interface: str | None = None
                  ) -> list[Message]:
-        """Updates for prefixes (all we know if None), leaving out routes
-        learned on `interface` (split horizon)."""
+        """Updates for prefixes (all we know if None); a route learned on
+        `interface` goes back on it as a retraction (split horizon with
+        poison reverse: a neighbor that heard of a route of ours before we
+        chose one through it must not keep it, and steer traffic, and
+        verify's probes, into a bounce priced as the route we gave up)."""
         chosen = set(self.own) | set(self.selected) if prefixes is None else set(prefixes)
         interval = int(self.update_interval * 100)
         messages: list[Message] = []
@@ -285,12 +288,10 @@ class Speaker:
             route = self.selected.get(prefix)
             # IPv4 prefixes go with IPv6 next hops (RFC 9229): links have no IPv4.
             v4 = prefix.version == 4
-            if route is None:
+            learned_on = self.neighbors.get(route.neighbor) if route is not None else None
+            if route is None or (learned_on is not None and learned_on.interface == interface):
                 messages.append(Update(prefix, self.router_id, self.seqno, INFINITY, interval,
                                        v4_via_v6=v4))
-                continue
-            learned_on = self.neighbors.get(route.neighbor)
-            if learned_on is not None and learned_on.interface == interface:
                 continue
             messages.append(Update(prefix, route.router_id, route.seqno, route.metric, interval,
                                    price=self.own_price + route.path_price, v4_via_v6=v4))
