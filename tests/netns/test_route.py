@@ -127,7 +127,9 @@ def test_six_routers_converge_and_forward_over_babel_routes(
 ) -> None:
     wait_for("every router to route to every other", lambda: converged(mesh), timeout=90)
     elapsed = time.monotonic() - STARTED["healthy"]
-    assert via(mesh, "r1", "r3") == "r2"  # the knob is at 0: the shorter path
+    # The knob is at 0: the shorter path, once r2's route (its link to r3 may
+    # come up after r1 heard of r3 the long way) has reached r1.
+    wait_for("r1 to route to r3 through r2", lambda: via(mesh, "r1", "r3") == "r2", timeout=30)
     # r1 pays r2 what r2 advertises: its own price plus r3's.
     route = routes(mesh, "r1")[f"{address(mesh, 'r3')}/128"]
     assert amount(route.path_price) == PRICES["r2"] + PRICES["r3"]
