@@ -17,12 +17,12 @@ from mesh.meter.v1 import meter_pb2
 
 from services.common.money import amount
 
-# Meters sample on their own clocks, control traffic (Hellos, proofs,
-# probes) never stops, and a price that changes with a route reaches the two
-# ends a moment apart: the last moments may be in one ledger and not yet in
-# the other's (up to 2% on a busy 7-router mesh). Two meters disagree when
-# they are this far apart, and by more than a tenth of the pay threshold
-# (below it a debt is not even paid yet).
+# Meters sample on their own clocks, control traffic (probes, ICMP) never
+# stops, and a price that changes with a route reaches the two ends a moment
+# apart: the last moments may be in one ledger and not yet in the other's
+# (0.5% at most per link on the default 7-router demo, 0.01% overall). Two
+# meters disagree when they are this far apart, and by more than a tenth of
+# the pay threshold (below it a debt is not even paid yet).
 METER_TOLERANCE = 0.03
 
 
