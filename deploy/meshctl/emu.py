@@ -119,7 +119,8 @@ def _status_row(name: str, router: mesh_mod.RouterNode) -> list[object]:
         price = f"{int(price)}/B"
     if healths.get("pay") == "SERVING":
         sent, received, channels = _payments(router)
-        paid = f"{_short(-sent)}/{_short(received)} in {channels} ch"
+        left = int(client.status(router.layout.socket("pay")).summary["deposit_left"])
+        paid = f"{_short(-sent)}/{_short(received)} in {channels} ch ({_short(left)} left)"
     return [name, "SERVING" if not sick else " ".join(sick), price, links, paid, handled]
 
 
@@ -220,7 +221,7 @@ def _short(wei: int) -> str:
 
 
 STATUS_HEADERS = ["router", "health", "price", "links (balance, enforcement)",
-                  "paid/received (wei)", "events"]
+                  "paid/received (wei) in channels (deposits left)", "events"]
 # The demo's economy: a payment for every 100 kB owed, so they are seen flowing.
 DEMO_PAY_THRESHOLD = 10**11
 DEMO_SECTIONS = {"meter": {"pay_threshold": DEMO_PAY_THRESHOLD}}

@@ -340,6 +340,9 @@ def summarize(state: pay_pb2.PayState) -> Mapping[str, Any]:
         "paid": sum(amount(n.paid) for n in state.neighbors.values()),
         "received": sum(amount(c.cumulative) for c in channels
                         if c.opened.direction == INCOMING),
+        # What our open channels still hold to pay with.
+        "deposit_left": sum(amount(c.deposit) - amount(c.cumulative) for c in channels
+                            if c.opened.direction == OUTGOING and c.status == OPEN),
         "pending_transactions": len(state.pending_transactions),
         "chain_block": state.chain_block,
     }
