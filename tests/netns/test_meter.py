@@ -8,6 +8,7 @@ import itertools
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -292,15 +293,15 @@ def test_a_neighbor_that_does_not_pay_is_throttled_then_cut_off(
              timeout=10)
 
 
-def test_babel_routes_price_the_bytes_along_the_path(tmp_path: Path) -> None:
-    """With route running, what r1 pays r2 for bytes to r3 is r2's price plus
-    r3's (r2's advertised path price), and what r2 pays r3 is r3's."""
+@contextlib.contextmanager
+def routed_line(tmp_path: Path, r2_meter: dict[str, object]) -> Iterator[EmulatedMesh]:
+    """r1 - r2 - r3 with route too (prices r1 1, r3 3, r2 as r2_meter says):
+    once r1 reaches r3 and every hop counts r3's prefix."""
     require_root()
-    prefix = f"mr{os.getpid() % 10000}"
-    prices = {"r1": 1, "r2": R2_PRICE, "r3": 3}
+    prefix = f"mr{os.getpid() % 10000}x{next(_prefixes)}"
+    meters = {"r1": {"price": 1}, "r2": r2_meter, "r3": {"price": 3}}
     topology = Topology.from_dict({
-        "name": "routed", "node": [{"name": n, "config": {"meter": {"price": p}}}
-                                   for n, p in prices.items()],
+        "name": "routed", "node": [{"name": n, "config": {"meter": m}} for n, m in meters.items()],
         "link": [{"a": "r1", "b": "r2"}, {"a": "r2", "b": "r3"}]})
     emulated = EmulatedMesh(topology, prefix=prefix, root=tmp_path,
                             services=("discovery", "link", "meter", "route"),
@@ -309,17 +310,8 @@ def test_babel_routes_price_the_bytes_along_the_path(tmp_path: Path) -> None:
     try:
         emulated.start()
         r3 = f"{emulated.fabric.nodes['r3'].ipv6}/128"
-
-        def priced(router: str) -> int | None:
-            state = meter_pb2.MeterState()
-            client.status(emulated.routers[router].layout.socket("meter")).state.Unpack(state)
-            route = state.routes.get(r3)
-            return amount(route.tx_price) if route is not None else None
-
-        wait_for("r1's and r2's meters to price r3 by their routes",
-                 lambda: (priced("r1"), priced("r2")) == (R2_PRICE + 3, 3), timeout=90)
         wait_for("r1 to reach r3 over Babel's routes", lambda: reaches(emulated, "r1", "r3"),
-                 timeout=30)
+                 timeout=90)
         # The kernel counts per destination once meter's next sample has put
         # the new route's prefix in its sets: bytes before that are `other`.
         wait_for("r3's prefix counted on every hop", lambda: reaches(emulated, "r1", "r3") and all(
@@ -327,6 +319,33 @@ def test_babel_routes_price_the_bytes_along_the_path(tmp_path: Path) -> None:
             for router, neighbor in (("r1", "r2"), ("r2", "r1"), ("r2", "r3"))), timeout=30,
             explain=lambda: str({(r, n): sorted(ledgers(emulated, r)[n].counters) for r, n in (
                 ("r1", "r2"), ("r2", "r1"), ("r2", "r3"))}))
+        yield emulated
+    finally:
+        emulated.stop()
+        clean(prefix, tmp_path)
+
+
+def route_price(mesh: EmulatedMesh, router: str) -> int | None:
+    """What router's meter pays per byte to r3, by its route."""
+    state = meter_pb2.MeterState()
+    client.status(mesh.routers[router].layout.socket("meter")).state.Unpack(state)
+    route = state.routes.get(f"{mesh.fabric.nodes['r3'].ipv6}/128")
+    return amount(route.tx_price) if route is not None else None
+
+
+def own_price(mesh: EmulatedMesh, router: str) -> int:
+    state = meter_pb2.MeterState()
+    client.status(mesh.routers[router].layout.socket("meter")).state.Unpack(state)
+    return amount(state.price.price)
+
+
+def test_babel_routes_price_the_bytes_along_the_path(tmp_path: Path) -> None:
+    """With route running, what r1 pays r2 for bytes to r3 is r2's price plus
+    r3's (r2's advertised path price), and what r2 pays r3 is r3's."""
+    with routed_line(tmp_path, {"price": R2_PRICE}) as emulated:
+        wait_for("r1's and r2's meters to price r3 by their routes",
+                 lambda: (route_price(emulated, "r1"), route_price(emulated, "r2"))
+                 == (R2_PRICE + 3, 3), timeout=30)
         sink = Receiver(emulated)
         before = {r: ledgers(emulated, r) for r in ("r1", "r2")}
         send(emulated, sink.address, 2000)
@@ -351,6 +370,57 @@ def test_babel_routes_price_the_bytes_along_the_path(tmp_path: Path) -> None:
             billed = delta(router, neighbor, field)
             assert received * price <= billed <= 1.02 * 2000 * IP_BYTES * price, (
                 router, neighbor, billed)
-    finally:
-        emulated.stop()
-        clean(prefix, tmp_path)
+
+
+def test_automatic_pricing_rises_with_load_and_routes_carry_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """r2 prices automatically, 100 to 10,100 wei/B over 0 to 4 Mbit/s on its
+    busiest tunnel. About 2 Mbit/s through it raises its price to about the
+    middle, Babel carries the new price to r1, whose meter then pays it; idle
+    again, the price falls back to the floor, and r1's route follows."""
+    low, high, capacity = 100, 10_100, 4_000_000
+    rising, falling = low + 0.3 * (high - low), low + 0.1 * (high - low)
+    r2 = {"pricing": "automatic", "min_price": low, "max_price": high,
+          "link_capacity_bps": capacity}
+    with routed_line(tmp_path, r2) as mesh:
+        assert own_price(mesh, "r2") < falling  # pings and Hellos only so far
+        wait_for("r1's route to r3 to carry r2's price",
+                 lambda: route_price(mesh, "r1") == own_price(mesh, "r2") + 3, timeout=30)
+        sink = Receiver(mesh)
+        stop = threading.Event()
+
+        def load() -> None:  # about 250 datagrams of 1,048 IP bytes a second: 2.1 Mbit/s
+            sock = netns.create_socket(mesh.fabric.netns("r1"), socket.AF_INET6,
+                                       socket.SOCK_DGRAM, 0, flags=0)
+            with sock:
+                while not stop.is_set():
+                    sock.sendto(b"m" * PAYLOAD, (sink.address, 9000))
+                    time.sleep(0.004)
+
+        sender = threading.Thread(target=load, daemon=True)
+        began = time.monotonic()
+        sender.start()
+        try:
+            wait_for("r2's price to rise with the load",
+                     lambda: own_price(mesh, "r2") >= rising, timeout=30)
+            risen = time.monotonic() - began
+            wait_for("r1's route to carry the new price",
+                     lambda: route_price(mesh, "r1") - 3 >= rising, timeout=15)
+            carried = time.monotonic() - began
+            loaded = own_price(mesh, "r2")
+            assert loaded <= high
+        finally:
+            stop.set()
+            sender.join(timeout=10)
+        quiet = time.monotonic()
+        wait_for("r2's price to fall back once idle",
+                 lambda: own_price(mesh, "r2") < falling, timeout=30)
+        fell = time.monotonic() - quiet
+        wait_for("r1's route to follow it down",
+                 lambda: route_price(mesh, "r1") - 3 < falling, timeout=15)
+        sink.drain()
+    with capsys.disabled():
+        print(f"\n  automatic pricing: 2.1 Mbit/s through r2 (capacity 4) raised its price "
+              f"past {rising:.0f} after {risen:.1f}s (to {loaded} wei/B), r1's route carried "
+              f"it after {carried:.1f}s; idle, back under {falling:.0f} after {fell:.1f}s")
