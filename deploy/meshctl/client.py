@@ -316,6 +316,7 @@ def exit_rows(node: Node) -> list[dict[str, object]]:
         rows.append({
             "role": "exit", "peer": client_id,
             "state": ("cut off" if admitted.access == exit_pb2.CLIENT_ACCESS_BLOCKED
+                      else "throttled" if admitted.access == exit_pb2.CLIENT_ACCESS_THROTTLED
                       else "tunnel up" if admitted.tunnel_up else "registered"),
             "addresses": ",".join(admitted.registration.client_addresses), "metric": "-",
             **billed(admitted),

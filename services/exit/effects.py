@@ -74,29 +74,45 @@ def install_nat(uplinks: tuple[str, ...]) -> None:
 BLOCK_TABLE = "inet mesh_exit"
 
 
-def install_blocklist() -> None:
-    """The exit's cut-off: what its clients in set `blocked` send is not
-    forwarded, nor is anything sent to them. They still reach the exit itself
-    (their balance proofs), so paying lets them back. Made afresh: the
-    service fills the set from its projection."""
-    Nft().run(
+def render_enforcement(throttle_bytes_per_second: int) -> str:
+    """The exit's enforcement, made afresh (the service fills the sets from
+    its projection): nothing its clients in set `blocked` send is forwarded,
+    nor anything sent to them; those in `throttled` get throttle_bytes_per_second
+    each way, each client on its own. Both still reach the exit itself (their
+    balance proofs), so paying lets them back."""
+    rates = "".join(
+        f"\tset {name} {{\n\t\ttype ipv6_addr\n\t\tsize 65535\n"
+        "\t\tflags dynamic,timeout\n\t\ttimeout 1m\n\t}\n" for name in ("up_rates", "down_rates"))
+    limit = f"limit rate over {throttle_bytes_per_second} bytes/second"
+    return (
         f"table {BLOCK_TABLE} {{}}\n"
         f"delete table {BLOCK_TABLE}\n"
         f"table {BLOCK_TABLE} {{\n"
         "\tset blocked {\n\t\ttype ipv6_addr\n\t}\n"
+        "\tset throttled {\n\t\ttype ipv6_addr\n\t}\n"
+        f"{rates}"
         "\tchain forward {\n"
         "\t\ttype filter hook forward priority filter - 5; policy accept;\n"
         "\t\tip6 saddr @blocked drop\n"
         "\t\tip6 daddr @blocked drop\n"
+        f"\t\tip6 saddr @throttled update @up_rates {{ ip6 saddr {limit} }} drop\n"
+        f"\t\tip6 daddr @throttled update @down_rates {{ ip6 daddr {limit} }} drop\n"
         "\t}\n"
         "}\n")
 
 
-def set_blocked(addresses: list[str]) -> None:
-    """Make the blocked set exactly these client addresses (CIDR /128s)."""
-    hosts = ", ".join(a.split("/")[0] for a in addresses)
-    Nft().run(f"flush set {BLOCK_TABLE} blocked\n"
-              + (f"add element {BLOCK_TABLE} blocked {{ {hosts} }}\n" if hosts else ""))
+def install_enforcement(throttle_bytes_per_second: int) -> None:
+    Nft().run(render_enforcement(throttle_bytes_per_second))
+
+
+def set_access(blocked: list[str], throttled: list[str]) -> None:
+    """Make the sets exactly these client addresses (CIDR /128s)."""
+    script = ""
+    for name, addresses in (("blocked", blocked), ("throttled", throttled)):
+        hosts = ", ".join(a.split("/")[0] for a in addresses)
+        script += f"flush set {BLOCK_TABLE} {name}\n"
+        script += f"add element {BLOCK_TABLE} {name} {{ {hosts} }}\n" if hosts else ""
+    Nft().run(script)
 
 
 class ExitTunnels:

@@ -183,6 +183,9 @@ def summarize(state: exit_pb2.ExitState) -> Mapping[str, Any]:
         "clients_cut_off": ",".join(sorted(
             c for c, x in state.clients.items()
             if x.access == exit_pb2.CLIENT_ACCESS_BLOCKED)) or "-",
+        "clients_throttled": ",".join(sorted(
+            c for c, x in state.clients.items()
+            if x.access == exit_pb2.CLIENT_ACCESS_THROTTLED)) or "-",
         "exit": state.selected_exit_id or "-",
         "exits_routed": ",".join(sorted(e for e, x in state.exits.items()
                                         if x.HasField("route"))) or "-",

@@ -130,3 +130,16 @@ def usage_since(base: tuple[int, int], counters: tuple[int, int],
     start = (0, 0) if reset else base
     up, down = counters[0] - start[0], counters[1] - start[1]
     return Usage(up, down, up * prices[0] + down * prices[1], reset)
+
+
+def client_access(debt: int, usage: int, throttle_debt: int, cut_off_debt: int,
+                  tolerance: float) -> exit_pb2.ClientAccess.ValueType:
+    """Throttled past throttle_debt, cut off past cut_off_debt: each beyond
+    `tolerance` of the client's usage (what the exit sent and the client
+    never got is on the exit's bill only)."""
+    slack = tolerance * usage
+    if debt > cut_off_debt + slack:
+        return exit_pb2.CLIENT_ACCESS_BLOCKED
+    if debt > throttle_debt + slack:
+        return exit_pb2.CLIENT_ACCESS_THROTTLED
+    return exit_pb2.CLIENT_ACCESS_OPEN

@@ -45,6 +45,7 @@ from .registration import (
     addresses_for,
     check_request,
     choose,
+    client_access,
     exit_address,
     registration_message,
     usage_since,
@@ -119,6 +120,11 @@ class ExitSettings:
     cut_off_debt: int = field(default=10**14, metadata={
         "help": "an exit cuts a client off when it owes more than this (wei) beyond "
                 "debt_tolerance, and lets it back once it has paid"})
+    throttle_debt: int = field(default=5 * 10**13, metadata={
+        "help": "an exit throttles a client to throttle_rate_bps when it owes more than this "
+                "(wei) beyond debt_tolerance, before it cuts it off"})
+    throttle_rate_bps: int = field(default=1_000_000, metadata={
+        "help": "bits per second a throttled client gets, each way"})
     debt_tolerance: float = field(default=0.1, metadata={
         "help": "share of a client's usage its debt may exceed cut_off_debt by: what the exit "
                 "sent and the client never received is on the exit's bill only"})
@@ -154,6 +160,10 @@ class ExitSettings:
             raise ConfigError("[exit] gateway_metric must be in 0..65534")
         if self.cut_off_debt < 0 or self.debt_tolerance < 0:
             raise ConfigError("[exit] cut_off_debt and debt_tolerance must not be negative")
+        if not 0 <= self.throttle_debt <= self.cut_off_debt:
+            raise ConfigError("[exit] throttle_debt must be between 0 and cut_off_debt")
+        if self.throttle_rate_bps < 8_000:
+            raise ConfigError("[exit] throttle_rate_bps must be at least 8000 (1 kB/s)")
         if self.price_up < 0 or self.price_down < 0:
             raise ConfigError("[exit] prices must not be negative")
         if self.liveness_seconds <= 2 * effects.KEEPALIVE_SECONDS:
@@ -243,8 +253,8 @@ class ExitLoop:
         tunnels = self.tunnels
         await asyncio.to_thread(tunnels.ensure_exit, self.exit_interface,
                                 self.settings.tunnel_port, exit_address(self.settings.client_pool))
-        await asyncio.to_thread(effects.install_blocklist)
-        await asyncio.to_thread(effects.set_blocked, self.blocked_addresses())
+        await asyncio.to_thread(effects.install_enforcement, self.settings.throttle_rate_bps // 8)
+        await asyncio.to_thread(effects.set_access, *self.addresses_by_access())
         for client in list(self.rt.state.clients.values()):
             registration = client.registration
             await asyncio.to_thread(tunnels.ensure_client_peer, self.exit_interface,
@@ -315,28 +325,37 @@ class ExitLoop:
         await self.rt.publish(Outgoing("debt", peer, record.balance))
 
     async def enforce(self, client_id: str, client: exit_pb2.ExitState.Client) -> None:
-        """Cut a client off (nothing of it is forwarded) while it owes too much;
-        let it back once it has paid (its proofs still reach us)."""
+        """Throttle, then cut off a client (nothing of it is forwarded) while it
+        owes too much; let it back once it has paid (its proofs still reach us)."""
         debt, usage = amount(client.balance.debt), amount(client.balance.usage_charged)
-        over = debt > self.settings.cut_off_debt + self.settings.debt_tolerance * usage
-        access = exit_pb2.CLIENT_ACCESS_BLOCKED if over else exit_pb2.CLIENT_ACCESS_OPEN
-        if access == (client.access or exit_pb2.CLIENT_ACCESS_OPEN):
-            return
+        access = client_access(debt, usage, self.settings.throttle_debt,
+                               self.settings.cut_off_debt, self.settings.debt_tolerance)
         previous = client.access or exit_pb2.CLIENT_ACCESS_OPEN
+        if access == previous:
+            return
         sequence = await self.rt.publish(Outgoing("enforcement", client_id,
                                                   exit_pb2.ClientEnforcementChanged(
             client_id=client_id, access=access, previous=previous, debt=money(debt))))
         await self.rt.wait_handled(sequence)
-        await asyncio.to_thread(effects.set_blocked, self.blocked_addresses())
+        await asyncio.to_thread(effects.set_access, *self.addresses_by_access())
         if access == exit_pb2.CLIENT_ACCESS_BLOCKED:
             log.warning(kv("exit.cut_off", client=client_id, debt=debt))
+        elif access == exit_pb2.CLIENT_ACCESS_THROTTLED:
+            log.warning(kv("exit.throttled", client=client_id, debt=debt,
+                           rate_bps=self.settings.throttle_rate_bps))
         else:
             log.info(kv("exit.let_back", client=client_id, debt=debt))
 
-    def blocked_addresses(self) -> list[str]:
-        return [a for c in self.rt.state.clients.values()
-                if c.access == exit_pb2.CLIENT_ACCESS_BLOCKED
-                for a in c.registration.client_addresses]
+    def addresses_by_access(self) -> tuple[list[str], list[str]]:
+        """The blocked clients' addresses, and the throttled ones'."""
+        blocked: list[str] = []
+        throttled: list[str] = []
+        for client in self.rt.state.clients.values():
+            if client.access == exit_pb2.CLIENT_ACCESS_BLOCKED:
+                blocked += client.registration.client_addresses
+            elif client.access == exit_pb2.CLIENT_ACCESS_THROTTLED:
+                throttled += client.registration.client_addresses
+        return blocked, throttled
 
     async def register(self, request: registration_pb2.RegisterRequest
                        ) -> exit_pb2.ExitRegistered | exit_pb2.RegistrationRefused:

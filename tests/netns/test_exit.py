@@ -38,10 +38,12 @@ from tests.netns.test_route import reaches, run_meshctl
 pytestmark = [pytest.mark.netns, pytest.mark.emulator]
 
 SERVICES = ("discovery", "link", "route", "pay")
-# A payment for every 100 kB the client owes; the exit cuts a client off
-# beyond 2*10^12 wei (1 MB of response traffic at its default price).
+# A payment for every 100 kB the client owes; the exit throttles a client to
+# 4 Mbit/s beyond 2*10^12 wei (1 MB of response traffic at its default
+# price) and cuts it off beyond 1.2*10^13 (6 MB).
 FAST = {"route": {"hello_interval": 1.0}, "meter": {"pay_threshold": 10**11}}
-CUT_OFF_DEBT = 2 * 10**12
+THROTTLE_DEBT, THROTTLE_BPS = 2 * 10**12, 4_000_000
+CUT_OFF_DEBT = 12 * 10**12
 LIVENESS_SECONDS = ExitSettings().liveness_seconds
 MARKER = b"plaintext-marker-7f3a"
 FILE_BYTES = 4_000_000
@@ -56,6 +58,8 @@ TOPOLOGY = {
         # What ex sends and c never gets (TCP resends it) is on ex's bill only:
         # under load, up to a tenth of it.
         {"name": "ex", "role": "exit", "config": {"exit": {"cut_off_debt": CUT_OFF_DEBT,
+                                                            "throttle_debt": THROTTLE_DEBT,
+                                                            "throttle_rate_bps": THROTTLE_BPS,
                                                             "debt_tolerance": 0.2}}},
     ],
     "link": [{"a": "c", "b": "r1"}, {"a": "r1", "b": "r2"}, {"a": "r2", "b": "g1"},
@@ -98,9 +102,17 @@ def exit_state(mesh: EmulatedMesh, node: str) -> exit_pb2.ExitState:
     return state
 
 
-def download(mesh: EmulatedMesh, url: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def download(mesh: EmulatedMesh, url: str, timeout: float = 60,
+             limit: str = "") -> subprocess.CompletedProcess[str]:
+    """c fetches url (at most `limit` bytes/s, curl's --limit-rate); stdout:
+    the bytes and the seconds it took."""
     return mesh.fabric.run("c", ["curl", "-sS", "-g", "-o", "/dev/null", "--max-time",
-                                 str(timeout), "-w", "%{size_download}", url], check=False)
+                                 str(timeout), *(["--limit-rate", limit] if limit else []),
+                                 "-w", "%{size_download} %{time_total}", url], check=False)
+
+
+def access(mesh: EmulatedMesh) -> int:
+    return exit_state(mesh, "ex").clients["c"].access
 
 
 def exit_uplink_address(mesh: EmulatedMesh) -> str:
@@ -148,7 +160,7 @@ def test_a_client_three_relays_away_downloads_through_the_exit(
     finally:
         capture.stop()
     assert done.returncode == 0, done.stderr
-    assert int(done.stdout) >= FILE_BYTES - 200
+    assert int(done.stdout.split()[0]) >= FILE_BYTES - 200
     # The internet saw the exit, not the client.
     requests = web.log.read_text()
     assert f"{exit_uplink_address(mesh)} - -" in requests, requests
@@ -302,9 +314,19 @@ def test_a_client_that_stops_paying_is_cut_off_until_it_pays(
     run_supervisorctl(c, "stop", "pay")
     try:
         began = time.monotonic()
+        # Downloads (at 16 Mbit/s: the exit samples every 2 s, and c must not
+        # pass both thresholds in one sample) until ex throttles c.
+        wait_for("ex to throttle c", lambda: download(mesh, web.url, 2, "2M") is not None
+                 and access(mesh) != exit_pb2.CLIENT_ACCESS_OPEN, timeout=120)
+        assert access(mesh) == exit_pb2.CLIENT_ACCESS_THROTTLED
+        throttled = time.monotonic() - began
+        size, seconds = map(float, download(mesh, web.url, 3).stdout.split())
+        rate = 8 * size / seconds
+        # A policer: TCP gets at most the rate (and the bucket's first second).
+        assert 0.25 * THROTTLE_BPS < rate < 1.5 * THROTTLE_BPS, rate
         # Downloads until ex cuts c off: the debt passes CUT_OFF_DEBT.
-        wait_for("ex to cut c off", lambda: download(mesh, web.url, 10) is not None and exit_state(
-            mesh, "ex").clients["c"].access == exit_pb2.CLIENT_ACCESS_BLOCKED, timeout=120)
+        wait_for("ex to cut c off", lambda: download(mesh, web.url, 10) is not None
+                 and access(mesh) == exit_pb2.CLIENT_ACCESS_BLOCKED, timeout=120)
         cut = time.monotonic() - began
         debt = amount(exit_state(mesh, "ex").clients["c"].balance.debt)
         assert debt > CUT_OFF_DEBT
@@ -337,5 +359,6 @@ def test_a_client_that_stops_paying_is_cut_off_until_it_pays(
     wait_for("a download to succeed again", lambda: download(mesh, web.url, 20).returncode == 0,
              timeout=60)
     with capsys.disabled():
-        print(f"\n  client stopped paying: cut off after {cut:.1f}s owing {debt} wei; "
-              "let back once it paid")
+        print(f"\n  client stopped paying: throttled after {throttled:.1f}s (downloads at "
+              f"{rate / 1e6:.2f} Mbit/s, limit {THROTTLE_BPS / 1e6:g}), cut off after {cut:.1f}s "
+              f"owing {debt} wei; let back once it paid")

@@ -15,6 +15,7 @@ from mesh.route.v1 import route_pb2
 from services.common.config import ConfigError
 from services.common.identity import Identity
 from services.common.money import amount, money
+from services.exit.effects import render_enforcement
 from services.exit.handlers import make_handlers
 from services.exit.registration import (
     Candidate,
@@ -22,6 +23,7 @@ from services.exit.registration import (
     addresses_for,
     check_request,
     choose,
+    client_access,
     registration_message,
     usage_since,
 )
@@ -151,6 +153,25 @@ def test_exit_addresses_parse_and_bad_ones_say_why() -> None:
         ExitSettings(client_pool="fd64::/200")
     with pytest.raises(ConfigError, match="liveness_seconds"):
         ExitSettings(liveness_seconds=1)
+    with pytest.raises(ConfigError, match="throttle_debt must be between 0 and cut_off_debt"):
+        ExitSettings(throttle_debt=10**15, cut_off_debt=10**14)
+    with pytest.raises(ConfigError, match="throttle_rate_bps must be at least 8000"):
+        ExitSettings(throttle_rate_bps=100)
+
+
+def test_a_client_owing_too_much_is_throttled_then_cut_off_like_a_neighbor() -> None:
+    access = [client_access(debt, usage=1000, throttle_debt=100, cut_off_debt=500,
+                            tolerance=0.1) for debt in (0, 200, 201, 600, 601)]
+    assert access == [exit_pb2.CLIENT_ACCESS_OPEN, exit_pb2.CLIENT_ACCESS_OPEN,
+                      exit_pb2.CLIENT_ACCESS_THROTTLED, exit_pb2.CLIENT_ACCESS_THROTTLED,
+                      exit_pb2.CLIENT_ACCESS_BLOCKED]
+    rules = render_enforcement(125_000)
+    # Each throttled client gets the rate on its own, each way.
+    assert ("ip6 daddr @throttled update @down_rates { ip6 daddr limit rate over "
+            "125000 bytes/second } drop") in rules
+    assert ("ip6 saddr @throttled update @up_rates { ip6 saddr limit rate over "
+            "125000 bytes/second } drop") in rules
+    assert rules.index("@blocked drop") < rules.index("@throttled")
 
 
 def test_usage_is_billed_from_counter_deltas_at_both_prices() -> None:
