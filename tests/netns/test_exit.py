@@ -362,3 +362,63 @@ def test_a_client_that_stops_paying_is_cut_off_until_it_pays(
         print(f"\n  client stopped paying: throttled after {throttled:.1f}s (downloads at "
               f"{rate / 1e6:.2f} Mbit/s, limit {THROTTLE_BPS / 1e6:g}), cut off after {cut:.1f}s "
               f"owing {debt} wei; let back once it paid")
+
+
+TWO_EXITS = {
+    "name": "two-exits",
+    "node": [
+        {"name": "c", "config": {"exit": {"exits": ["ex", "ex2"]}}},
+        {"name": "r1"}, {"name": "g1", "role": "gateway"},
+        {"name": "inet", "role": "internet"},
+        {"name": "ex", "role": "exit"}, {"name": "ex2", "role": "exit"},
+    ],
+    "link": [{"a": "c", "b": "r1"}, {"a": "r1", "b": "g1"}, {"a": "g1", "b": "inet"},
+             {"a": "ex", "b": "inet"}, {"a": "ex2", "b": "inet"}],
+}
+
+
+def test_a_client_fails_over_to_another_exit_when_its_exit_goes_silent(
+    tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """c - r1 - g1 - inet - {ex, ex2}: the exit c uses loses its uplink; c
+    takes it for dead, registers with the other, and downloads again."""
+    require_root()
+    prefix = f"e2{os.getpid() % 10000}"
+    root = tmp_path_factory.mktemp("two-exits")
+    mesh = EmulatedMesh(Topology.from_dict(TWO_EXITS), prefix=prefix, root=root,
+                        services=SERVICES, sections=FAST)
+    try:
+        mesh.start()
+        web = WebServer(mesh, "inet", tmp_path_factory.mktemp("web2"), 1_000_000)
+        try:
+            wait_for("c's exit tunnel", lambda: tunneled(mesh), timeout=120,
+                     explain=lambda: str(exit_state(mesh, "c")))
+            first = exit_state(mesh, "c").selected_exit_id
+            other = "ex2" if first == "ex" else "ex"
+            wait_for(f"c's route to {other} too",
+                     lambda: exit_state(mesh, "c").exits[other].HasField("route"), timeout=60)
+            [uplink] = mesh.fabric.uplinks(first, {"inet"})
+            ifname = uplink.a_ifname if uplink.a == first else uplink.b_ifname
+            mesh.fabric.run(first, ["ip", "link", "set", ifname, "down"])
+            cut = time.monotonic()
+            wait_for(f"c to tunnel to {other}", lambda: exit_state(
+                mesh, "c").selected_exit_id == other and tunneled(mesh), timeout=90,
+                explain=lambda: str(exit_state(mesh, "c")))
+            moved = time.monotonic() - cut
+            wait_for("a download through it", lambda: download(mesh, web.url, 20).returncode == 0,
+                     timeout=60)
+            resumed = time.monotonic() - cut
+            # The exit reads its peers' handshakes every sample_interval.
+            wait_for(f"{other} to see c's tunnel up",
+                     lambda: exit_state(mesh, other).clients["c"].tunnel_up, timeout=10)
+            log = (mesh.routers["c"].layout.log_dir / "exit.log").read_text()
+            assert f"exit.unresponsive exit={first}" in log or \
+                f"exit.selected exit={other}" in log
+        finally:
+            web.stop()
+    finally:
+        mesh.stop()
+        clean(prefix, root)
+    with capsys.disabled():
+        print(f"\n  exit {first} lost its uplink: c tunneled to {other} after {moved:.1f}s, "
+              f"downloaded through it after {resumed:.1f}s")
