@@ -43,14 +43,36 @@ def free_port() -> int:
 
 
 def rpc(url: str, method: str, *params: object, timeout: float = 5.0) -> object:
-    """One JSON-RPC call; ChainError with the node's message on an error."""
+    """One JSON-RPC call over http:// or a node's IPC socket (a path); ChainError
+    with the node's message on an error."""
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)})
-    request = urllib.request.Request(url, body.encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        answer = json.load(response)
+    if url.startswith(("http://", "https://")):
+        request = urllib.request.Request(url, body.encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            answer = json.load(response)
+    else:
+        answer = _ipc_call(url, body.encode(), timeout)
     if "error" in answer:
         raise ChainError(f"{method}: {answer['error'].get('message', answer['error'])}")
     return answer["result"]
+
+
+def _ipc_call(path: str, body: bytes, timeout: float) -> dict[str, object]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(body)
+        received = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ChainError(f"{path}: the node closed the connection mid-answer")
+            received += chunk
+            try:
+                answer: dict[str, object] = json.loads(received)
+            except ValueError:
+                continue  # not all of it yet
+            return answer
 
 
 class Anvil:
@@ -58,12 +80,17 @@ class Anvil:
 
     def __init__(self, port: int | None = None, accounts: int = 20, balance_eth: int = 10**6,
                  block_time: float | None = None, log: Path | None = None,
-                 ipc: Path | None = None) -> None:
+                 ipc: Path | None = None, netns: str | None = None) -> None:
+        """In network namespace `netns` if given (then reached over `ipc`,
+        which it needs: its loopback is the namespace's)."""
         if not BINARY.exists():
             raise ChainError(f"{BINARY} is missing: run deploy/install.sh")
+        if netns is not None and ipc is None:
+            raise ChainError("anvil in a network namespace needs an IPC socket to be reached")
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        argv = [str(BINARY), "--host", "127.0.0.1", "--port", str(self.port),
+        self.url = str(ipc) if netns is not None else f"http://127.0.0.1:{self.port}"
+        argv = [*(["ip", "netns", "exec", netns] if netns is not None else []),
+                str(BINARY), "--host", "127.0.0.1", "--port", str(self.port),
                 "--hardfork", HARDFORK, "--accounts", str(accounts),
                 "--balance", str(balance_eth), "--mnemonic", MNEMONIC, "--silent"]
         if block_time is not None:

@@ -1,6 +1,7 @@
-"""The emulated mesh's chain: anvil on loopback and on an IPC socket (routers
-in their namespaces reach it through the shared filesystem), the channel
-contract deployed on it, and every router's chain address funded."""
+"""The emulated mesh's chain: anvil, in the internet's namespace when the
+topology has one, reached on an IPC socket (routers in their namespaces
+reach it through the shared filesystem), the channel contract deployed on
+it, and every router's chain address funded."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from web3 import Web3
 
 from deploy.chain.anvil import Anvil
+from services.pay.chain import connect
 from services.pay.contracts import deploy
 
 PID_FILE = "chain.pid"
@@ -25,15 +27,16 @@ def ipc_path(prefix: str) -> Path:
 
 
 class MeshChain:
-    def __init__(self, workdir: Path, prefix: str) -> None:
+    def __init__(self, workdir: Path, prefix: str, netns: str | None = None) -> None:
         self.workdir = workdir
         self.ipc = ipc_path(prefix)
         self.ipc.unlink(missing_ok=True)
+        self.netns = netns
         # Blocks every second, as on a real chain: time on chain moves on, so a
         # close window ends without someone having to send a transaction.
-        self.anvil = Anvil(log=workdir / "anvil.log", ipc=self.ipc, block_time=1)
+        self.anvil = Anvil(log=workdir / "anvil.log", ipc=self.ipc, block_time=1, netns=netns)
         (workdir / PID_FILE).write_text(str(self.anvil.process.pid))
-        self.w3 = Web3(Web3.HTTPProvider(self.anvil.url, cache_allowed_requests=True))
+        self.w3 = connect(self.anvil.url)
         self.contract = deploy(self.w3, self.w3.eth.accounts[0])
 
     @property

@@ -177,12 +177,16 @@ class EmulatedMesh:
             f"({time.monotonic() - started:.1f}s)"
         )
         sections = dict(self.sections)
+        internet = {n.name for n in self.topology.nodes if n.role == "internet"}
         if any("pay" in router.services for router in self.routers.values()):
-            self.chain = MeshChain(self.workdir, self.prefix)
+            # The chain is a node on the internet, as a public chain's would be.
+            home = min(internet, default=None)
+            self.chain = MeshChain(self.workdir, self.prefix,
+                                   self.fabric.netns(home) if home is not None else None)
             sections["pay"] = {"chain_url": self.chain.url,
                                "contract": self.chain.contract, **sections.get("pay", {})}
-            progress(f"chain: anvil, channel contract at {self.chain.contract}")
-        internet = {n.name for n in self.topology.nodes if n.role == "internet"}
+            progress(f"chain: anvil{f' on {home}' if home is not None else ''}, "
+                     f"channel contract at {self.chain.contract}")
         for router in self.routers.values():
             facing = [link.a_ifname for link in self.fabric.links if link.a == router.name]
             facing += [link.b_ifname for link in self.fabric.links if link.b == router.name]

@@ -32,7 +32,7 @@ def test_the_readme_demo_meters_routes_pays_and_reaches_the_internet(tmp_path: P
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
     assert "all 8 routers healthy" in out
-    assert "chain: anvil, channel contract at 0x" in out
+    assert "chain: anvil on inet, channel contract at 0x" in out
     # Every router routes to every other; r3 tunnels to the exit.
     assert "routes converged: 42 of 42" in out
     assert "clients tunneled to an exit: 1 of 1" in out
