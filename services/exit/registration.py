@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 from mesh.exit.v1 import exit_pb2, registration_pb2
 
-from services.common.identity import IDENTITY_KEY_LENGTH, verify
+from services.common.identity import IDENTITY_KEY_LENGTH, chain_address, verify
 
 WIREGUARD_KEY_LENGTH = 32
 NOMINAL_LINK_COST = 96
 _DOMAIN = b"mesh-exit-register\x00"
+_OFFER_DOMAIN = b"mesh-exit-offer\x00"
 
 
 def registration_message(request: registration_pb2.RegisterRequest) -> bytes:
@@ -25,6 +26,45 @@ def registration_message(request: registration_pb2.RegisterRequest) -> bytes:
             + struct.pack("!H", len(client_id)) + client_id
             + request.identity_key + request.wireguard_key
             + struct.pack("!Q", request.timestamp_ms))
+
+
+def offer_message(offer: registration_pb2.ExitOffer) -> bytes:
+    """The bytes an exit signs: every field of its offer but the signature."""
+    exit_id = offer.exit_id.encode()
+    return (_OFFER_DOMAIN + struct.pack("!H", len(exit_id)) + exit_id + offer.identity_key
+            + offer.wireguard_key + struct.pack("!I", offer.tunnel_port)
+            + offer.price_up.SerializeToString(deterministic=True)
+            + offer.price_down.SerializeToString(deterministic=True))
+
+
+def check_offer(offer: registration_pb2.ExitOffer, exit_id: str,
+                pinned: bytes) -> str | None:
+    """None if the client may register with this offer, else why not: it must
+    be the exit's own, signed by its identity key, and that key must be the
+    one pinned at the first registration with it (if any)."""
+    if offer.exit_id != exit_id:
+        return f"the offer is from {offer.exit_id!r}, not {exit_id!r}"
+    if len(offer.wireguard_key) != WIREGUARD_KEY_LENGTH:
+        return f"wireguard_key is {len(offer.wireguard_key)} bytes, not {WIREGUARD_KEY_LENGTH}"
+    if not verify(offer.identity_key, offer.signature, offer_message(offer)):
+        return "the offer is not signed by the identity key it carries"
+    if pinned and offer.identity_key != pinned:
+        return (f"identity {offer.identity_key.hex()[:16]}… is not the pinned "
+                f"{pinned.hex()[:16]}… of the first registration")
+    return None
+
+
+def check_answer(answer: exit_pb2.ExitRegistered, offer: registration_pb2.ExitOffer
+                 ) -> str | None:
+    """None if a registration's answer is the offering exit's: its tunnel key,
+    and the chain address of its identity (where the client's money goes)."""
+    if answer.exit_wireguard_key != offer.wireguard_key:
+        return "the answer's WireGuard key is not the offer's"
+    if answer.exit_chain_address != chain_address(offer.identity_key):
+        return "the answer's chain address is not the exit identity's"
+    if not answer.client_addresses:
+        return "no tunnel address for us"
+    return None
 
 
 @dataclass(frozen=True)

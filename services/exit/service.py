@@ -43,10 +43,13 @@ from .handlers import CLIENT, EXIT, GATEWAY, make_handlers, summarize
 from .registration import (
     Candidate,
     addresses_for,
+    check_answer,
+    check_offer,
     check_request,
     choose,
     client_access,
     exit_address,
+    offer_message,
     registration_message,
     usage_since,
 )
@@ -219,10 +222,12 @@ class ExitLoop:
         self.probes_sent = 0
 
     def offer(self) -> registration_pb2.ExitOffer:
-        return registration_pb2.ExitOffer(
+        offer = registration_pb2.ExitOffer(
             exit_id=self.rt.node_id, wireguard_key=self.identity.wireguard_public,
             tunnel_port=self.settings.tunnel_port, price_up=money(self.settings.price_up),
-            price_down=money(self.settings.price_down))
+            price_down=money(self.settings.price_down), identity_key=self.identity.identity_key)
+        offer.signature = self.identity.sign(offer_message(offer))
+        return offer
 
     def stub(self, where: ExitAddress) -> registration_pb2_grpc.ExitRegistrationStub:
         channel = self.channels.get(where.target)
@@ -503,6 +508,12 @@ class ExitLoop:
                 log.info(kv("exit.no_offer", exit=exit_id, code=err.code().name))
                 self.avoid[exit_id] = now
                 continue
+            pinned = known.registration.exit_identity_key
+            wrong = check_offer(offer, exit_id, pinned)
+            if wrong is not None:
+                log.warning(kv("exit.bad_offer", exit=exit_id, why=wrong))
+                self.avoid[exit_id] = now
+                continue
             offers[exit_id] = offer
             candidates.append(Candidate(exit_id, known.route.metric, amount(
                 known.route.path_price) + amount(offer.price_up) + amount(offer.price_down)))
@@ -526,13 +537,15 @@ class ExitLoop:
                 reason=refusal_reason(err), detail=f"{err.code().name}: {err.details()}")))
             self.avoid[chosen.exit_id] = now
             return
-        if answer.exit_wireguard_key != offer.wireguard_key or not answer.client_addresses:
-            log.warning(kv("exit.bad_answer", exit=chosen.exit_id))
+        wrong = check_answer(answer, offer)
+        if wrong is not None:
+            log.warning(kv("exit.bad_answer", exit=chosen.exit_id, why=wrong))
             self.avoid[chosen.exit_id] = now
             return
         registered = exit_pb2.ExitRegistered()
         registered.CopyFrom(answer)
         registered.role = CLIENT
+        registered.exit_identity_key = offer.identity_key
         registered.exit_endpoint_address = where.address
         registered.exit_endpoint_port = offer.tunnel_port
         previous = self.client_tunnel_exit()

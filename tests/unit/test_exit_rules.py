@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from google.protobuf.message import Message
 from mesh.exit.v1 import exit_pb2, registration_pb2
 from mesh.pay.v1 import pay_pb2
 from mesh.route.v1 import route_pb2
@@ -21,9 +22,12 @@ from services.exit.registration import (
     Candidate,
     Usage,
     addresses_for,
+    check_answer,
+    check_offer,
     check_request,
     choose,
     client_access,
+    offer_message,
     registration_message,
     usage_since,
 )
@@ -79,6 +83,43 @@ def test_bad_requests_are_refused_with_what_was_wrong(identity: Identity, tmp_pa
 def registered(client_id: str, key: bytes, addresses: list[str]) -> exit_pb2.ExitRegistered:
     return exit_pb2.ExitRegistered(role=exit_pb2.EXIT_ROLE_EXIT, exit_id="ex", client_id=client_id,
                                    client_identity_key=key, client_addresses=addresses)
+
+
+def test_a_client_takes_only_an_offer_signed_by_the_exit_it_first_registered_with(
+        tmp_path: Path) -> None:
+    exit_keys = Identity.load_or_create(tmp_path / "exit")
+    impostor = Identity.load_or_create(tmp_path / "impostor")
+
+    def offer(keys: Identity, **fields: object) -> registration_pb2.ExitOffer:
+        made = registration_pb2.ExitOffer(
+            exit_id="ex", wireguard_key=keys.wireguard_public, tunnel_port=51820,
+            price_up=money(1), price_down=money(2), identity_key=keys.identity_key)
+        made.signature = keys.sign(offer_message(made))
+        for name, value in fields.items():
+            if isinstance(value, Message):
+                getattr(made, name).CopyFrom(value)
+            else:
+                setattr(made, name, value)
+        return made
+
+    genuine = offer(exit_keys)
+    assert check_offer(genuine, "ex", pinned=b"") is None
+    assert check_offer(genuine, "ex", pinned=exit_keys.identity_key) is None
+    # Someone on the way swaps in its own WireGuard key: the signature breaks.
+    swapped = offer(exit_keys, wireguard_key=impostor.wireguard_public)
+    unsigned = "the offer is not signed by the identity key it carries"
+    assert check_offer(swapped, "ex", b"") == unsigned
+    # ... or its prices.
+    assert check_offer(offer(exit_keys, price_down=money(3)), "ex", b"") == unsigned
+    # ... or offers itself, signed: not the identity pinned at the first registration.
+    assert "is not the pinned" in str(check_offer(offer(impostor), "ex", exit_keys.identity_key))
+    assert "not 'ex'" in str(check_offer(offer(exit_keys, exit_id="ex2"), "ex", b""))
+    answer = exit_pb2.ExitRegistered(exit_wireguard_key=exit_keys.wireguard_public,
+                                     exit_chain_address=exit_keys.chain_address,
+                                     client_addresses=["fd64:0:0:1::2/128"])
+    assert check_answer(answer, genuine) is None
+    answer.exit_chain_address = impostor.chain_address  # the money would go elsewhere
+    assert check_answer(answer, genuine) == "the answer's chain address is not the exit identity's"
 
 
 def test_clients_get_the_lowest_free_address_and_keep_it() -> None:
