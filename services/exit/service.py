@@ -129,8 +129,8 @@ class ExitSettings:
     throttle_rate_bps: int = field(default=1_000_000, metadata={
         "help": "bits per second a throttled client gets, each way"})
     debt_tolerance: float = field(default=0.1, metadata={
-        "help": "share of a client's usage its debt may exceed cut_off_debt by: what the exit "
-                "sent and the client never received is on the exit's bill only"})
+        "help": "share of a client's usage its debt may exceed throttle_debt and cut_off_debt "
+                "by: what the exit sent and the client never received is on its bill only"})
     registration_window: float = field(default=300.0, metadata={
         "help": "seconds a registration's timestamp may be from the exit's clock"})
     exits: tuple[str, ...] = field(default=(), metadata={
