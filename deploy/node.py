@@ -258,6 +258,11 @@ def init_node(
     return layout
 
 
+def _names(listed: str) -> list[str]:
+    """A comma-separated command-line list, empty items dropped."""
+    return [name for name in listed.split(",") if name]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m deploy.node",
@@ -276,13 +281,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     init.add_argument("--uplinks", default="",
                       help="comma-separated interfaces to the internet (a gateway's or exit's)")
     args = parser.parse_args(argv)
-    services = [s for s in args.services.split(",") if s]
+    services = _names(args.services)
     for service in services:
         if not (REPO / "services" / service / "__main__.py").exists():
             parser.error(f"no service named {service!r} in {REPO / 'services'}")
     layout = init_node(args.dir, args.id, services=services, nats_port=args.nats_port,
-                       interfaces=[i for i in args.interfaces.split(",") if i],
-                       uplinks=[i for i in args.uplinks.split(",") if i])
+                       interfaces=_names(args.interfaces), uplinks=_names(args.uplinks))
     print(f"wrote {layout.node_file}, {layout.nats_file}, {layout.supervisor_file}")
 
 

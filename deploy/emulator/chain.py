@@ -31,7 +31,6 @@ class MeshChain:
         self.workdir = workdir
         self.ipc = ipc_path(prefix)
         self.ipc.unlink(missing_ok=True)
-        self.netns = netns
         # Blocks every second, as on a real chain: time on chain moves on, so a
         # close window ends without someone having to send a transaction.
         self.anvil = Anvil(log=workdir / "anvil.log", ipc=self.ipc, block_time=1, netns=netns)

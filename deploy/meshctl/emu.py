@@ -118,8 +118,7 @@ def _status_row(name: str, router: mesh_mod.RouterNode) -> list[object]:
         price = client.status(node.socket("meter")).summary["price"]
         price = f"{int(price)}/B"
     if healths.get("pay") == "SERVING":
-        sent, received, channels = _payments(router)
-        left = int(client.status(router.layout.socket("pay")).summary["deposit_left"])
+        sent, received, channels, left = _payments(router)
         paid = f"{_short(-sent)}/{_short(received)} in {channels} ch ({_short(left)} left)"
     return [name, "SERVING" if not sick else " ".join(sick), price, links, paid, handled]
 
@@ -190,10 +189,12 @@ def _exit_tunnels_up(emulated: mesh_mod.EmulatedMesh) -> tuple[int, int]:
     return done, len(clients)
 
 
-def _payments(router: mesh_mod.RouterNode) -> tuple[int, int, int]:
-    """Wei the router paid and received, and its open channels (pay's summary)."""
+def _payments(router: mesh_mod.RouterNode) -> tuple[int, int, int, int]:
+    """Wei the router paid and received, its open channels, and what they
+    still hold to pay with (pay's summary)."""
     summary = client.status(router.layout.socket("pay")).summary
-    return int(summary["paid"]), int(summary["received"]), int(summary["channels_open"])
+    return (int(summary["paid"]), int(summary["received"]), int(summary["channels_open"]),
+            int(summary["deposit_left"]))
 
 
 def payment_totals(emulated: mesh_mod.EmulatedMesh) -> tuple[int, int]:

@@ -482,7 +482,7 @@ class ExitLoop:
                                         self.probes_sent)
             return
         log.warning(kv("exit.unresponsive", exit=exit_id, tunnel=name,
-                       silent_s=round(now - self.last_received[1], 1)))
+                       silent_s=round(silent, 1)))
         await self.rt.publish(Outgoing("tunnel_down", exit_id, exit_pb2.ExitTunnelDown(
             role=CLIENT, peer_id=exit_id, tunnel_interface=name,
             reason=exit_pb2.TUNNEL_DOWN_REASON_UNRESPONSIVE)))

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -71,20 +72,26 @@ TOPOLOGY = {
 HEALTHY: dict[str, float] = {}
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedMesh]:
+@contextmanager
+def running(topology: dict[str, object], prefix: str, root: Path) -> Iterator[EmulatedMesh]:
+    """The mesh up and healthy; stopped and removed however the test ends."""
     require_root()
-    prefix = f"ex{os.getpid() % 10000}"
-    root = tmp_path_factory.mktemp("exits")
-    emulated = EmulatedMesh(Topology.from_dict(TOPOLOGY), prefix=prefix, root=root,
+    emulated = EmulatedMesh(Topology.from_dict(topology), prefix=prefix, root=root,
                             services=SERVICES, sections=FAST)
     try:
         emulated.start()
-        HEALTHY["at"] = time.monotonic()
         yield emulated
     finally:
         emulated.stop()
         clean(prefix, root)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedMesh]:
+    with running(TOPOLOGY, f"ex{os.getpid() % 10000}",
+                 tmp_path_factory.mktemp("exits")) as emulated:
+        HEALTHY["at"] = time.monotonic()
+        yield emulated
 
 
 @pytest.fixture(scope="module")
@@ -383,13 +390,8 @@ def test_a_client_fails_over_to_another_exit_when_its_exit_goes_silent(
 ) -> None:
     """c - r1 - g1 - inet - {ex, ex2}: the exit c uses loses its uplink; c
     takes it for dead, registers with the other, and downloads again."""
-    require_root()
-    prefix = f"e2{os.getpid() % 10000}"
-    root = tmp_path_factory.mktemp("two-exits")
-    mesh = EmulatedMesh(Topology.from_dict(TWO_EXITS), prefix=prefix, root=root,
-                        services=SERVICES, sections=FAST)
-    try:
-        mesh.start()
+    with running(TWO_EXITS, f"e2{os.getpid() % 10000}",
+                 tmp_path_factory.mktemp("two-exits")) as mesh:
         web = WebServer(mesh, "inet", tmp_path_factory.mktemp("web2"), 1_000_000)
         try:
             wait_for("c's exit tunnel", lambda: tunneled(mesh), timeout=120,
@@ -417,9 +419,6 @@ def test_a_client_fails_over_to_another_exit_when_its_exit_goes_silent(
                 f"exit.selected exit={other}" in log
         finally:
             web.stop()
-    finally:
-        mesh.stop()
-        clean(prefix, root)
     with capsys.disabled():
         print(f"\n  exit {first} lost its uplink: c tunneled to {other} after {moved:.1f}s, "
               f"downloaded through it after {resumed:.1f}s")
