@@ -144,10 +144,10 @@ class EmulatedMesh:
         for spec in topology.nodes:
             if spec.role in ROUTER_ROLES:
                 chosen = tuple(spec.services if spec.services is not None else services)
-                # Gateways, exits and routers told to use exits run exit where
+                # Exits and routers told to use exits run exit where
                 # routes are made (exits are reached by route).
                 if "route" in chosen and "exit" not in chosen and (
-                        spec.role in ("gateway", "exit") or "exit" in spec.config):
+                        spec.role == "exit" or "exit" in spec.config):
                     chosen += ("exit",)
                 self.routers[spec.name] = RouterNode(
                     name=spec.name,
@@ -196,6 +196,8 @@ class EmulatedMesh:
                    for name in set(sections) | set(router.config)}
             if "exit" in router.services:
                 own["exit"] = self.exit_section(router.name, own.get("exit", {}))
+            own["discovery"] = self.discovery_section(router.name, own.get("discovery", {}),
+                                                      internet)
             init_node(
                 router.layout.root,
                 router.name,
@@ -225,16 +227,30 @@ class EmulatedMesh:
         """How routers name an exit in [exit]: NAME=[ADDRESS] (the default port)."""
         return f"{name}=[{self.fabric.nodes[name].ipv6}]"
 
+    def discovery_section(self, router: str, given: Mapping[str, object],
+                          internet: set[str]) -> dict[str, object]:
+        """A gateway links to every exit over the internet, at the exit's
+        uplink address (its own address is the one the mesh routes to it);
+        an exit links back to whichever gateway helloes it."""
+        section = dict(given)
+        role = next(n.role for n in self.topology.nodes if n.name == router)
+        if role == "gateway":
+            section.setdefault("internet_peers", [
+                link.a_ipv6 if link.a == name else link.b_ipv6
+                for name in sorted(n.name for n in self.topology.nodes if n.role == "exit")
+                for link in self.fabric.uplinks(name, internet)])
+        if role == "exit":
+            section.setdefault("answer_internet_peers", True)
+        return section
+
     def exit_section(self, router: str, given: Mapping[str, object]) -> dict[str, object]:
-        """[exit] by role: an exit serves, a gateway announces every exit;
-        a client's `exits` may name exits of the topology by node name."""
+        """[exit] by role: an exit serves; a client's `exits` may name exits
+        of the topology by node name."""
         section = dict(given)
         role = next(n.role for n in self.topology.nodes if n.name == router)
         exits = [n.name for n in self.topology.nodes if n.role == "exit"]
         if role == "exit":
             section.setdefault("serve", True)
-        if role == "gateway":
-            section.setdefault("gateway_exits", [self.exit_address(e) for e in exits])
         listed = section.get("exits", [])
         if isinstance(listed, list):
             section["exits"] = [self.exit_address(e) if e in exits else e for e in listed]

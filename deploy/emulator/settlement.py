@@ -1,11 +1,17 @@
 """The demo's settlement report: bytes, prices and payments reconciled across
-the whole mesh, from every router's meter ledgers.
+the whole mesh, from every router's meter ledgers and every exit's bills.
 
 Both ends of a link meter the same bytes at the same prices, so what one
 says it owes the other is what the other says it is owed; what one paid is
 what the other received; and what is left owing, netted both ways, stays
 under the pay threshold (the debtor pays each time it crosses it). The
 report says, per link and for the whole mesh, how far each holds.
+
+A client and its exit are no neighbors, but the same holds between them:
+both meter the exit tunnel and bill it at the exit's prices, and the client
+pays the exit on a channel. The exit is a router like any other: it pays
+its gateways for the response traffic it sends into the mesh, so its
+margin is what its clients paid less what the mesh charged it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ from services.common.money import amount
 # meters disagree when they are this far apart, and by more than a tenth of
 # the pay threshold (below it a debt is not even paid yet).
 METER_TOLERANCE = 0.03
+# What an exit sent and its client never received (lost on the way, then
+# sent again by TCP) is on the exit's bill only: the client's may be this
+# much below (the exit's own default debt_tolerance), never above.
+EXIT_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True)
@@ -63,9 +73,19 @@ class Direction:
         return abs(self.owed - self.charged) / max(self.owed, self.charged, 1)
 
 
+@dataclass(frozen=True)
+class ExitBill:
+    """One client's bill with one exit, as its exit service sees it."""
+
+    bytes: int  # through the exit tunnel, both ways
+    charged: int  # usage at the exit's prices
+    payments: int  # paid (by a client) or received (by an exit)
+
+
 @dataclass
 class Report:
     directions: list[Direction] = field(default_factory=list)
+    exit_directions: list[Direction] = field(default_factory=list)
     # Per link, what is left owing after netting both ways (positive: the
     # first name owes the second), by the first one's meter.
     outstanding: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -92,6 +112,15 @@ class Report:
                            f"received {d.received:,}")
         left = ", ".join(f"{a}-{b} {v:+,}" for (a, b), v in sorted(self.outstanding.items()))
         out.append(f"  left owing after netting: {left or 'nothing'}")
+        for d in self.exit_directions:
+            out.append(f"  {d.payer}->{d.payee} (exit): {d.bytes:,} B, owes {d.owed:,} / "
+                       f"charged {d.charged:,} ({d.metered_off:.2%} apart), paid {d.paid:,} "
+                       f"/ received {d.received:,}")
+        for exit_name in sorted({d.payee for d in self.exit_directions}):
+            earned = sum(d.received for d in self.exit_directions if d.payee == exit_name)
+            spent = sum(d.paid for d in self.directions if d.payer == exit_name)
+            out.append(f"  exit {exit_name}: {earned:,} wei received from its clients, "
+                       f"{spent:,} wei paid to the mesh for response traffic")
         margins = ", ".join(f"{r} {m:+,}" for r, m in sorted(self.margins.items()))
         out.append(f"  earned minus spent on traffic, per router: {margins}")
         out.append("settlement: reconciled" if self.ok else
@@ -99,8 +128,11 @@ class Report:
         return out
 
 
-def reconcile(ledgers: Mapping[str, Mapping[str, Ledger]], pay_threshold: int) -> Report:
-    """ledgers[router][neighbor]: every router's meter ledger per neighbor."""
+def reconcile(ledgers: Mapping[str, Mapping[str, Ledger]], pay_threshold: int,
+              exit_bills: Mapping[tuple[str, str], tuple[ExitBill, ExitBill]] | None = None,
+              ) -> Report:
+    """ledgers[router][neighbor]: every router's meter ledger per neighbor;
+    exit_bills[(client, exit)]: the client's bill and the exit's."""
     report = Report()
     for payer, theirs in sorted(ledgers.items()):
         for payee, mine in sorted(theirs.items()):
@@ -126,4 +158,21 @@ def reconcile(ledgers: Mapping[str, Mapping[str, Ledger]], pay_threshold: int) -
                     report.problems.append(f"{payer}-{payee}: {net:+,} wei left owing, over "
                                            f"twice the pay threshold {pay_threshold:,}")
         report.margins[payer] = sum(lg.charged - lg.owed for lg in theirs.values())
+    for (payer, payee), (mine, theirs_) in sorted((exit_bills or {}).items()):
+        direction = Direction(payer, payee, mine.bytes, mine.charged, theirs_.charged,
+                              mine.payments, theirs_.payments)
+        report.exit_directions.append(direction)
+        if not ((1 - EXIT_TOLERANCE) * direction.charged - pay_threshold // 10
+                <= direction.owed <= direction.charged + pay_threshold // 10):
+            report.problems.append(
+                f"{payer}->{payee} (exit): the client's bill {direction.owed:,} is not within "
+                f"{EXIT_TOLERANCE:.0%} below the exit's {direction.charged:,}")
+        if direction.paid != direction.received:
+            report.problems.append(f"{payer}->{payee} (exit): paid {direction.paid:,} but "
+                                   f"{payee} received {direction.received:,}")
+        if direction.owed - direction.paid > 2 * pay_threshold:
+            report.problems.append(f"{payer}->{payee} (exit): {direction.owed - direction.paid:,}"
+                                   f" wei unpaid, over twice the pay threshold {pay_threshold:,}")
+        report.margins[payer] = report.margins.get(payer, 0) - direction.owed
+        report.margins[payee] = report.margins.get(payee, 0) + direction.charged
     return report

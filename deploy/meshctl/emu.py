@@ -13,7 +13,7 @@ from pathlib import Path
 
 from deploy.emulator import mesh as mesh_mod
 from deploy.emulator.preflight import PreflightError
-from deploy.emulator.settlement import Ledger, ledger_from, reconcile
+from deploy.emulator.settlement import ExitBill, Ledger, ledger_from, reconcile
 from deploy.emulator.topology import TOPOLOGIES_DIR, Topology, TopologyError
 from deploy.emulator.traffic import InternetTraffic, MeshTraffic
 
@@ -327,18 +327,45 @@ def meter_ledgers(emulated: mesh_mod.EmulatedMesh) -> dict[str, dict[str, Ledger
     return ledgers
 
 
-def _settled(emulated: mesh_mod.EmulatedMesh, timeout: float) -> dict[str, dict[str, Ledger]]:
-    """After the traffic: the ledgers once meters have counted the last bytes
-    and the payments in flight have arrived (two readings a second apart that
-    reconcile), or as they are at the timeout."""
+ExitBills = dict[tuple[str, str], tuple[ExitBill, ExitBill]]
+
+
+def exit_bills(emulated: mesh_mod.EmulatedMesh) -> ExitBills:
+    """(client, exit): the client's bill with the exit and the exit's with it,
+    for every pair whose both ends answer."""
+    sides: dict[tuple[str, str, str], ExitBill] = {}
+    for name, router in emulated.routers.items():
+        if not _serving(router, "exit"):
+            continue
+        try:
+            rows = client.exit_rows(client.Node.open(router.layout.root))
+        except client.NodeError:
+            continue  # restarting just now: no bill this time
+        for row in rows:
+            if row["role"] in ("client", "exit"):
+                pair = (name, str(row["peer"])) if row["role"] == "client" else (
+                    str(row["peer"]), name)
+                sides[(*pair, str(row["role"]))] = ExitBill(
+                    int(str(row["bytes_up"])) + int(str(row["bytes_down"])),
+                    int(str(row["owed_wei"])), int(str(row["paid_wei"])))
+    return {(c, e): (bill, sides[(c, e, "exit")]) for (c, e, role), bill in sides.items()
+            if role == "client" and (c, e, "exit") in sides and bill.bytes}
+
+
+def settled(emulated: mesh_mod.EmulatedMesh, timeout: float,
+             pay_threshold: int = DEMO_PAY_THRESHOLD,
+             ) -> tuple[dict[str, dict[str, Ledger]], ExitBills]:
+    """After the traffic: the ledgers and exit bills once meters have counted
+    the last bytes and the payments in flight have arrived (two readings a
+    second apart that reconcile), or as they are at the timeout."""
     deadline = time.monotonic() + timeout
     agreed = 0
-    ledgers = meter_ledgers(emulated)
+    ledgers, bills = meter_ledgers(emulated), exit_bills(emulated)
     while time.monotonic() < deadline and agreed < 2:
         time.sleep(1.0)
-        ledgers = meter_ledgers(emulated)
-        agreed = agreed + 1 if reconcile(ledgers, DEMO_PAY_THRESHOLD).ok else 0
-    return ledgers
+        ledgers, bills = meter_ledgers(emulated), exit_bills(emulated)
+        agreed = agreed + 1 if reconcile(ledgers, pay_threshold, bills).ok else 0
+    return ledgers, bills
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -398,7 +425,7 @@ def _demo(emulated: mesh_mod.EmulatedMesh, args: argparse.Namespace) -> int:
         for process in traffic:
             process.wait(timeout=30)
     _progress("traffic stopped; waiting for the last bytes to be metered and paid")
-    ledgers = _settled(emulated, timeout=30)
+    ledgers, bills = settled(emulated, timeout=30)
     rows = status_rows(emulated)
     healthy = all(r[1] == "SERVING" for r in rows)
     handled = sum(int(r[-1]) for r in rows)
@@ -413,7 +440,7 @@ def _demo(emulated: mesh_mod.EmulatedMesh, args: argparse.Namespace) -> int:
     paid, received = payment_totals(emulated)
     print(f"payments: {paid} wei paid and {received} wei received across the mesh "
           f"({paid - received} wei in flight)")
-    report = reconcile(ledgers, DEMO_PAY_THRESHOLD)
+    report = reconcile(ledgers, DEMO_PAY_THRESHOLD, bills)
     print("\n".join(report.lines()))
     return 0 if healthy and handled > 0 and report.ok else 1
 

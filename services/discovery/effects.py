@@ -1,5 +1,6 @@
 """discovery's only I/O: one UDP socket per physical interface, joined to the
-hello group on that link, sending and receiving hellos."""
+hello group on that link, and one per uplink for unicast hellos to routers
+across the internet; sending and receiving hellos."""
 
 from __future__ import annotations
 
@@ -23,6 +24,20 @@ def open_socket(interface: Interface) -> socket.socket:
     sock.bind(("::", HELLO_PORT))
     sock.setblocking(False)
     return sock
+
+
+def open_uplink_socket(interface: Interface) -> socket.socket:
+    """Unicast only: a hello over the internet goes to one configured address."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.name.encode())
+    sock.bind(("::", HELLO_PORT))
+    sock.setblocking(False)
+    return sock
+
+
+def send_unicast_hello(sock: socket.socket, address: str, data: bytes) -> None:
+    sock.sendto(data, (address, HELLO_PORT))
 
 
 def send_hello(sock: socket.socket, interface: Interface, data: bytes) -> None:

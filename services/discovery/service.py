@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mesh.discovery.v1 import discovery_pb2
 
+from services.common.config import ConfigError
 from services.common.identity import Identity
 from services.common.interfaces import Interface, physical_interfaces
 from services.common.logs import kv
@@ -20,7 +23,7 @@ from services.link.handshake import HANDSHAKE_PORT
 from . import effects
 from .handlers import HANDLERS, summarize
 from .hello import HelloRejected, decode_hello, encode_hello
-from .table import NeighborTable, RateLimited, Replayed, TableFull
+from .table import NeighborTable, RateLimited, Replayed, TableFull, unicast_targets
 
 log = logging.getLogger("discovery")
 
@@ -39,6 +42,20 @@ class DiscoverySettings:
     max_hellos_per_second: float = field(
         default=10.0, metadata={"help": "hellos accepted per second from one source address"}
     )
+    internet_peers: tuple[str, ...] = field(default=(), metadata={
+        "help": "IPv6 addresses of routers across the internet (exits) to hello, unicast, "
+                "out of every [node] uplink: a gateway's links to its exits"})
+    answer_internet_peers: bool = field(default=False, metadata={
+        "help": "hello back to any router that hellos us over an uplink (an exit's "
+                "setting); off, an uplink hears only the configured internet_peers"})
+
+    def __post_init__(self) -> None:
+        for address in self.internet_peers:
+            try:
+                ipaddress.IPv6Address(address)
+            except ValueError:
+                raise ConfigError(f"[discovery] internet_peers: {address!r} is not an "
+                                  "IPv6 address") from None
 
 
 def now_ms() -> int:
@@ -58,31 +75,46 @@ class HelloLoop:
             max_hellos_per_second=self.settings.max_hellos_per_second,
         )
         self.sockets: dict[str, tuple[Interface, socket.socket]] = {}
+        self.uplink_sockets: dict[str, tuple[Interface, socket.socket]] = {}
         self.inbox: asyncio.Queue[tuple[bytes, str, str]] = asyncio.Queue(maxsize=1024)
         self.rejections: dict[tuple[str, str], int] = {}
         self.last_rejection_log: dict[tuple[str, str], int] = {}
 
+    @property
+    def on_internet(self) -> bool:
+        return bool(self.settings.internet_peers) or self.settings.answer_internet_peers
+
     def refresh_interfaces(self) -> None:
-        loop = asyncio.get_running_loop()
         node = self.rt.cfg.node
-        wanted = {i.name: i for i in physical_interfaces(node.interfaces, node.uplinks)}
-        for name in list(self.sockets):
-            if name not in wanted or wanted[name].index != self.sockets[name][0].index:
-                interface, sock = self.sockets.pop(name)
+        self._refresh(self.sockets, physical_interfaces(node.interfaces, node.uplinks),
+                      effects.open_socket)
+        # Uplinks by name, as configured: they carry no link-local hellos.
+        uplinks = physical_interfaces(node.uplinks) if self.on_internet else []
+        self._refresh(self.uplink_sockets, uplinks, effects.open_uplink_socket)
+
+    def _refresh(self, sockets: dict[str, tuple[Interface, socket.socket]],
+                 interfaces: list[Interface],
+                 opener: Callable[[Interface], socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
+        wanted = {i.name: i for i in interfaces}
+        for name in list(sockets):
+            if name not in wanted or wanted[name].index != sockets[name][0].index:
+                interface, sock = sockets.pop(name)
                 loop.remove_reader(sock.fileno())
                 sock.close()
                 log.info(kv("interface.removed", interface=name))
         for name, interface in wanted.items():
-            if name in self.sockets:
+            if name in sockets:
                 continue
             try:
-                sock = effects.open_socket(interface)
+                sock = opener(interface)
             except OSError as err:
                 log.warning(kv("interface.unusable", interface=name, error=err))
                 continue
-            self.sockets[name] = (interface, sock)
+            sockets[name] = (interface, sock)
             loop.add_reader(sock.fileno(), self._readable, interface, sock)
-            log.info(kv("interface.added", interface=name))
+            log.info(kv("interface.added", interface=name,
+                        kind="uplink" if sockets is self.uplink_sockets else "link"))
 
     def _readable(self, interface: Interface, sock: socket.socket) -> None:
         while (got := effects.receive(sock)) is not None:
@@ -105,6 +137,11 @@ class HelloLoop:
 
     async def handle(self, data: bytes, source: str, interface: str) -> None:
         now = now_ms()
+        if interface in self.uplink_sockets and not self.settings.answer_internet_peers and (
+                source not in self.settings.internet_peers):
+            self._reject(interface, source, "not-a-peer",
+                         "an uplink hears only [discovery] internet_peers")
+            return
         try:
             self.table.admit(source, now)
             hello = decode_hello(data, now)
@@ -125,6 +162,20 @@ class HelloLoop:
                         address=source, reason=discovery_pb2.NeighborSeenReason.Name(seen.reason)))
             await self.rt.publish(Outgoing("seen", seen.neighbor_id, seen))
 
+    def hello_internet(self, now: int) -> None:
+        interval = self.settings.hello_interval_ms
+        for offset, (interface, sock) in enumerate(self.uplink_sockets.values()):
+            hello = encode_hello(self.identity, self.rt.node_id, HANDSHAKE_PORT, interval,
+                                 now + offset)
+            heard = self.table.sources_on(interface.name)
+            for address in unicast_targets(self.settings.internet_peers,
+                                           self.settings.answer_internet_peers, heard):
+                try:
+                    effects.send_unicast_hello(sock, address, hello)
+                except OSError as err:
+                    log.debug(kv("hello.unsent", interface=interface.name, to=address,
+                                 error=err))
+
     async def run(self) -> None:
         now = now_ms()
         for entry in self.rt.state.neighbors.values():
@@ -144,6 +195,7 @@ class HelloLoop:
                         effects.send_hello(sock, interface, hello)
                     except OSError as err:
                         log.debug(kv("hello.unsent", interface=interface.name, error=err))
+                self.hello_internet(now + len(self.sockets))
                 # Jitter keeps neighbors that started together from staying in step.
                 next_hello = now + int(interval * random.uniform(0.9, 1.1))
             for lost in self.table.expire(now):

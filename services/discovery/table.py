@@ -129,6 +129,11 @@ class NeighborTable:
                 ))
         return lost
 
+    def sources_on(self, interface: str) -> list[str]:
+        """The addresses of the neighbors heard on interface."""
+        return sorted(e.seen.endpoint_address for e in self.entries.values()
+                      if e.seen.interface_name == interface)
+
     def restore(self, seen: discovery_pb2.NeighborSeen, now_ms: int) -> None:
         """Take back a neighbor from the projection after a restart: it gets a
         fresh dead interval to be heard again instead of being dropped at once."""
@@ -137,6 +142,12 @@ class NeighborTable:
         self.last_sent_at[seen.identity_key] = max(
             self.last_sent_at.get(seen.identity_key, 0), seen.hello_sent_at.ToMilliseconds()
         )
+
+
+def unicast_targets(peers: tuple[str, ...], answer: bool, heard: list[str]) -> list[str]:
+    """Whom to hello over an uplink: the configured internet peers, and, when
+    answering, whoever helloed us there (an exit hellos back its gateways)."""
+    return sorted(set(peers) | (set(heard) if answer else set()))
 
 
 def _same_neighbor(a: discovery_pb2.NeighborSeen, b: discovery_pb2.NeighborSeen) -> bool:

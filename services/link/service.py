@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import struct
@@ -86,6 +87,14 @@ class LinkSettings:
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def endpoint(address: str, interface: str, port: int) -> str:
+    """WireGuard's endpoint for a neighbor: a link-local address needs its
+    interface; a global one (a router across the internet) is routed."""
+    if ipaddress.IPv6Address(address).is_link_local:
+        return f"[{address}%{interface}]:{port}"
+    return f"[{address}]:{port}"
 
 
 @dataclass
@@ -251,7 +260,7 @@ class LinkLoop:
             wanted[up.tunnel_interface] = TunnelSpec(
                 name=up.tunnel_interface, listen_port=up.listen_port,
                 peer_key=up.wireguard_key,
-                endpoint=f"[{up.endpoint_address}%{up.physical_interface}]:{up.endpoint_port}",
+                endpoint=endpoint(up.endpoint_address, up.physical_interface, up.endpoint_port),
                 local_address=up.tunnel_local_address,
             )
         return wanted

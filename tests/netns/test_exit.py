@@ -1,10 +1,12 @@
 """Exits and gateways in namespaces: a client three relays from the internet
 registers with the exit, tunnels to it and downloads over HTTP through it;
-the internet sees the exit, relays see only ciphertext; a gateway losing its
-uplink moves the traffic to the other one; a bad registration is refused.
+the internet sees the exit, relays see only ciphertext; the exit pays its
+gateways for the response traffic and every bill reconciles; a gateway
+losing its uplink moves the traffic to the other one; a bad registration is
+refused.
 
-    c - r1 - r2 - g1 - inet - ex
-              \\- g2 -/
+    c - r1 - r2 - g1 - inet - ex      (g1 and g2 each keep a tunnel to ex
+              \\- g2 -/                 over inet: links like any other)
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from mesh.exit.v1 import exit_pb2, registration_pb2
 from mesh.route.v1 import route_pb2
 
 from deploy.emulator.mesh import EmulatedMesh, clean
+from deploy.emulator.settlement import reconcile
 from deploy.emulator.topology import Topology
 from deploy.emulator.traffic import WebServer
 from deploy.meshctl import client
+from deploy.meshctl.emu import settled
 from deploy.node import run_supervisorctl
 from services.common.identity import Identity
 from services.common.money import amount
@@ -38,11 +42,12 @@ from tests.netns.test_route import reaches, run_meshctl
 
 pytestmark = [pytest.mark.netns, pytest.mark.emulator]
 
-SERVICES = ("discovery", "link", "route", "pay")
-# A payment for every 100 kB the client owes; the exit throttles a client to
+SERVICES = ("discovery", "link", "meter", "route", "pay")
+# A payment for every 100 kB owed; the exit throttles a client to
 # 4 Mbit/s beyond 2*10^12 wei (1 MB of response traffic at its default
 # price) and cuts it off beyond 1.2*10^13 (6 MB).
-FAST = {"route": {"hello_interval": 1.0}, "meter": {"pay_threshold": 10**11}}
+PAY_THRESHOLD = 10**11
+FAST = {"route": {"hello_interval": 1.0}, "meter": {"pay_threshold": PAY_THRESHOLD}}
 THROTTLE_DEBT, THROTTLE_BPS = 2 * 10**12, 4_000_000
 CUT_OFF_DEBT = 12 * 10**12
 LIVENESS_SECONDS = ExitSettings().liveness_seconds
@@ -127,11 +132,15 @@ def exit_uplink_address(mesh: EmulatedMesh) -> str:
     return link.a_ipv6 if link.a == "ex" else link.b_ipv6
 
 
+def route_to_exit(mesh: EmulatedMesh, at: str) -> route_pb2.RouteState.Route | None:
+    state = route_pb2.RouteState()
+    client.status(mesh.routers[at].layout.socket("route")).state.Unpack(state)
+    return state.routes.get(f"{mesh.fabric.nodes['ex'].ipv6}/128")
+
+
 def gateway_in_use(mesh: EmulatedMesh) -> str:
     """The neighbor r2's route to the exit's address goes through."""
-    state = route_pb2.RouteState()
-    client.status(mesh.routers["r2"].layout.socket("route")).state.Unpack(state)
-    route = state.routes.get(f"{mesh.fabric.nodes['ex'].ipv6}/128")
+    route = route_to_exit(mesh, "r2")
     return route.next_hop_id if route is not None else ""
 
 
@@ -206,6 +215,20 @@ def test_a_client_three_relays_away_downloads_through_the_exit(
 
     wait_for("c to pay ex what it used", paid_up, timeout=90, explain=lambda: str(metered()))
     on_exit, on_client = metered()
+    # Every link's two meters and the client's and exit's bills agree, and
+    # every payment arrived: the client paid its first hop and the exit, the
+    # relays kept their margins, and the exit paid its gateways for the
+    # response traffic it sent into the mesh.
+    ledgers, bills = settled(mesh, timeout=60, pay_threshold=PAY_THRESHOLD)
+    report = reconcile(ledgers, PAY_THRESHOLD, bills)
+    assert report.ok, "\n".join(report.lines())
+    into_mesh = [d for d in report.directions if d.payer == "ex"]
+    assert {d.payee for d in into_mesh} <= {"g1", "g2"}
+    assert sum(d.bytes for d in into_mesh) >= FILE_BYTES
+    assert sum(d.paid for d in into_mesh) >= sum(d.owed for d in into_mesh) - 2 * PAY_THRESHOLD
+    assert report.margins["r1"] > 0 and report.margins["r2"] > 0
+    [to_exit] = report.exit_directions
+    assert (to_exit.payer, to_exit.payee) == ("c", "ex")
     # What the operator sees.
     code, shown, _ = run_meshctl(capsys, "-n", str(mesh.routers["c"].layout.root), "exits",
                                  "--json")
@@ -222,6 +245,7 @@ def test_a_client_three_relays_away_downloads_through_the_exit(
               f"{amount(on_exit.balance.usage_charged)} and "
               f"{amount(on_client.balance.usage_charged)} wei, paid "
               f"{amount(on_client.balance.payments)} wei")
+        print("\n".join(f"  {line}" for line in report.lines()))
 
 
 def test_a_gateway_losing_its_uplink_moves_traffic_to_the_other(
@@ -229,11 +253,10 @@ def test_a_gateway_losing_its_uplink_moves_traffic_to_the_other(
 ) -> None:
     wait_for("c's exit tunnel", lambda: tunneled(mesh), timeout=120)
     used = wait_for("r2 to route to the exit through a gateway", lambda: gateway_in_use(mesh))
-    # A gateway announces the exit two links beyond it (its uplink, then the
-    # internet's link to the exit), so that what verify measures agrees.
-    state = route_pb2.RouteState()
-    client.status(mesh.routers["r2"].layout.socket("route")).state.Unpack(state)
-    assert state.routes[f"{mesh.fabric.nodes['ex'].ipv6}/128"].metric == 96 + 192
+    # The gateway's tunnel to the exit is a link like any other: the exit
+    # is two links from r2.
+    route = route_to_exit(mesh, "r2")
+    assert route is not None and route.metric == 2 * 96
     other = "g2" if used == "g1" else "g1"
     # The internet drops all it exchanges with the gateway, as when the ISP
     # fails: the gateway keeps its interface and routes, and hears nothing.
@@ -252,11 +275,10 @@ def test_a_gateway_losing_its_uplink_moves_traffic_to_the_other(
         wait_for("a download to succeed again", lambda: download(mesh, web.url, 20).returncode == 0,
                  timeout=60)
         resumed = time.monotonic() - cut
-        assert exit_state(mesh, used).gateway_tunnels.get("ex") is None
     finally:
         mesh.fabric.run("inet", ["nft", "delete", "table", "inet", "isp_down"])
-    wait_for(f"{used} to announce the exit again",
-             lambda: "ex" in exit_state(mesh, used).gateway_tunnels, timeout=30)
+    wait_for(f"{used} to reach the exit over its own tunnel again",
+             lambda: getattr(route_to_exit(mesh, used), "next_hop_id", "") == "ex", timeout=60)
     with capsys.disabled():
         print(f"\n  gateway {used} lost its uplink: routes through {other} after {moved:.1f}s, "
               f"downloads again after {resumed:.1f}s")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deploy.emulator.settlement import Ledger, reconcile
+from deploy.emulator.settlement import ExitBill, Ledger, reconcile
 
 THRESHOLD = 10**11
 
@@ -48,3 +48,41 @@ def test_a_debt_left_unpaid_does_not() -> None:
 def test_a_ledger_missing_on_one_side_is_reported() -> None:
     report = reconcile({"a": {"b": Ledger(owed=5)}}, THRESHOLD)
     assert report.problems == ["b has no ledger for a"]
+
+
+def exit_mesh(client_bill: int = 19 * 10**11, exit_bill: int = 2 * 10**12,
+              paid: int = 19 * 10**11, received: int = 19 * 10**11,
+              ) -> tuple[dict[str, dict[str, Ledger]], dict[tuple[str, str],
+                                                          tuple[ExitBill, ExitBill]]]:
+    """c downloads 1 MB through exit x at 2*10^6 wei/B; x pays its gateway g
+    10^6 wei/B for the response traffic, g charges it the same."""
+    ledgers = {"x": {"g": Ledger(tx_bytes=10**6, owed=10**12, sent=10**12)},
+               "g": {"x": Ledger(rx_bytes=10**6, charged=10**12, received=10**12)}}
+    bills = {("c", "x"): (ExitBill(10**6, client_bill, paid),
+                          ExitBill(10**6, exit_bill, received))}
+    return ledgers, bills
+
+
+def test_an_exit_earns_from_its_clients_what_it_pays_the_mesh_and_its_fee() -> None:
+    report = reconcile(*exit_mesh()[:1], THRESHOLD, exit_mesh()[1])
+    assert report.ok, report.problems
+    # What the exit sent and the client never got is on the exit's bill only.
+    assert report.margins == {"x": 2 * 10**12 - 10**12, "g": 10**12, "c": -19 * 10**11}
+    assert "  exit x: 1,900,000,000,000 wei received from its clients, " \
+           "1,000,000,000,000 wei paid to the mesh for response traffic" in report.lines()
+
+
+def test_a_client_billed_above_its_exit_or_far_below_does_not_reconcile() -> None:
+    ledgers, over = exit_mesh(client_bill=21 * 10**11, paid=21 * 10**11,
+                              received=21 * 10**11)
+    assert any("not within 10% below" in p for p in reconcile(ledgers, THRESHOLD, over).problems)
+    ledgers, under = exit_mesh(client_bill=17 * 10**11, paid=17 * 10**11,
+                               received=17 * 10**11)
+    assert any("not within 10% below" in p for p in reconcile(ledgers, THRESHOLD, under).problems)
+
+
+def test_a_client_that_does_not_pay_its_exit_does_not_reconcile() -> None:
+    ledgers, bills = exit_mesh(paid=0, received=0)
+    assert any("unpaid" in p for p in reconcile(ledgers, THRESHOLD, bills).problems)
+    ledgers, bills = exit_mesh(received=10**12)
+    assert any("x received" in p for p in reconcile(ledgers, THRESHOLD, bills).problems)
