@@ -143,23 +143,32 @@ def on_usage(state: exit_pb2.ExitState, event: Event[exit_pb2.ClientUsageMetered
     return []
 
 
-def make_handlers(exit_prefixes: Mapping[str, str]) -> Mapping[type[Message], Handler[Any]]:
+def make_handlers(exit_prefixes: Mapping[str, str], serving: bool = False
+                  ) -> Mapping[type[Message], Handler[Any]]:
     """exit_prefixes: the configured exits' addresses (as route names them,
-    a /128) to their ids; routes to other prefixes are not ours to keep."""
+    a /128) to their ids. An exit (serving) keeps every route, to price its
+    clients' response traffic; anyone else only the routes to its exits."""
 
     def on_route_changed(
         state: exit_pb2.ExitState, event: Event[route_pb2.RouteChanged]
     ) -> list[Outgoing]:
         route = event.payload
+        retracted = route.change == route_pb2.ROUTE_CHANGE_RETRACTED
+        kept = exit_pb2.ExitState.RouteToExit(
+            prefix=route.prefix, metric=route.metric, path_price=route.path_price,
+            next_hop_id=route.next_hop_id)
+        if serving:
+            if retracted:
+                state.mesh_routes.pop(route.prefix, None)
+            else:
+                state.mesh_routes[route.prefix].CopyFrom(kept)
         exit_id = exit_prefixes.get(route.prefix)
         if exit_id is None:
             return []
-        if route.change == route_pb2.ROUTE_CHANGE_RETRACTED:
+        if retracted:
             state.exits[exit_id].ClearField("route")
         else:
-            state.exits[exit_id].route.CopyFrom(exit_pb2.ExitState.RouteToExit(
-                prefix=route.prefix, metric=route.metric, path_price=route.path_price,
-                next_hop_id=route.next_hop_id))
+            state.exits[exit_id].route.CopyFrom(kept)
         return []
 
     return {

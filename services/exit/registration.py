@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mesh.exit.v1 import exit_pb2, registration_pb2
 
 from services.common.identity import IDENTITY_KEY_LENGTH, chain_address, verify
+from services.common.money import amount
 
 WIREGUARD_KEY_LENGTH = 32
 NOMINAL_LINK_COST = 96
@@ -64,7 +67,39 @@ def check_answer(answer: exit_pb2.ExitRegistered, offer: registration_pb2.ExitOf
         return "the answer's chain address is not the exit identity's"
     if not answer.client_addresses:
         return "no tunnel address for us"
+    for direction in ("price_up", "price_down"):
+        if amount(getattr(answer, direction)) > amount(getattr(offer, direction)):
+            return (f"the answer's {direction} {amount(getattr(answer, direction))} is above "
+                    f"the offer's {amount(getattr(offer, direction))}")
     return None
+
+
+def peer_address(peer: str) -> str:
+    """The IP address in a gRPC peer string ("ipv6:[2001:db8::1]:5000", its
+    brackets maybe %-escaped, or "ipv4:192.0.2.1:5000"); "" for any other."""
+    kind, _, where = urllib.parse.unquote(peer).partition(":")
+    if kind == "ipv6" and where.startswith("["):
+        return where[1:].partition("]")[0]
+    if kind == "ipv4":
+        return where.rpartition(":")[0]
+    return ""
+
+
+def response_price(routes: Mapping[str, exit_pb2.ExitState.RouteToExit], address: str) -> int:
+    """What the mesh charges per byte carried to address: the path price of
+    the longest route prefix holding it; 0 with none (a client on the
+    internet is answered over the uplink, which the mesh does not bill)."""
+    try:
+        where = ipaddress.ip_address(address)
+    except ValueError:
+        return 0
+    best: tuple[int, int] | None = None
+    for prefix, route in routes.items():
+        network = ipaddress.ip_network(prefix, strict=False)
+        if where.version == network.version and where in network and (
+                best is None or network.prefixlen > best[0]):
+            best = (network.prefixlen, amount(route.path_price))
+    return best[1] if best is not None else 0
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,9 @@ from .registration import (
     client_access,
     exit_address,
     offer_message,
+    peer_address,
     registration_message,
+    response_price,
     usage_since,
 )
 
@@ -117,9 +119,10 @@ class ExitSettings:
         "help": "IPv6 prefix an exit assigns its clients' tunnel addresses from"})
     price_up: int = field(default=1_000_000, metadata={
         "help": "wei per byte a client pays an exit for traffic to the internet"})
-    price_down: int = field(default=2_000_000, metadata={
-        "help": "wei per byte a client pays an exit for response traffic (it covers what "
-                "the exit pays the mesh for it, plus the exit's fee)"})
+    fee_down: int = field(default=1_000_000, metadata={
+        "help": "the exit's fee per byte of response traffic: a client pays it on top of "
+                "what the mesh charges the exit to carry that traffic to the client (the "
+                "exit's route price to it when the client registers)"})
     cut_off_debt: int = field(default=10**14, metadata={
         "help": "an exit cuts a client off when it owes more than this (wei) beyond "
                 "debt_tolerance, and lets it back once it has paid"})
@@ -167,7 +170,7 @@ class ExitSettings:
             raise ConfigError("[exit] throttle_debt must be between 0 and cut_off_debt")
         if self.throttle_rate_bps < 8_000:
             raise ConfigError("[exit] throttle_rate_bps must be at least 8000 (1 kB/s)")
-        if self.price_up < 0 or self.price_down < 0:
+        if self.price_up < 0 or self.fee_down < 0:
             raise ConfigError("[exit] prices must not be negative")
         if self.liveness_seconds <= 2 * effects.KEEPALIVE_SECONDS:
             raise ConfigError("[exit] liveness_seconds must exceed two keepalives (2 s)")
@@ -221,11 +224,15 @@ class ExitLoop:
         self.last_sampled = 0.0
         self.probes_sent = 0
 
-    def offer(self) -> registration_pb2.ExitOffer:
+    def offer(self, client_address: str) -> registration_pb2.ExitOffer:
+        """The offer to the client at client_address: response traffic at what
+        the mesh charges the exit to carry it there, plus the exit's fee."""
+        carried = response_price(self.rt.state.mesh_routes, client_address)
         offer = registration_pb2.ExitOffer(
             exit_id=self.rt.node_id, wireguard_key=self.identity.wireguard_public,
             tunnel_port=self.settings.tunnel_port, price_up=money(self.settings.price_up),
-            price_down=money(self.settings.price_down), identity_key=self.identity.identity_key)
+            price_down=money(self.settings.fee_down + carried),
+            identity_key=self.identity.identity_key)
         offer.signature = self.identity.sign(offer_message(offer))
         return offer
 
@@ -362,7 +369,7 @@ class ExitLoop:
                 throttled += client.registration.client_addresses
         return blocked, throttled
 
-    async def register(self, request: registration_pb2.RegisterRequest
+    async def register(self, request: registration_pb2.RegisterRequest, client_address: str
                        ) -> exit_pb2.ExitRegistered | exit_pb2.RegistrationRefused:
         assert self.tunnels is not None
         async with self.lock:
@@ -387,7 +394,7 @@ class ExitLoop:
                     request, exit_pb2.REFUSAL_REASON_BLOCKED,
                     f"cut off for {amount(known.balance.debt)} wei unpaid: pay it first")
             assert addresses is not None
-            offer = self.offer()
+            offer = self.offer(client_address)
             registered = exit_pb2.ExitRegistered(
                 role=EXIT, exit_id=self.rt.node_id, client_id=request.client_id,
                 client_identity_key=request.identity_key,
@@ -612,11 +619,11 @@ class RegistrationServicer(registration_pb2_grpc.ExitRegistrationServicer):
 
     async def Offer(self, request: registration_pb2.OfferRequest,
                     context: grpc.aio.ServicerContext) -> registration_pb2.ExitOffer:
-        return self.loop.offer()
+        return self.loop.offer(peer_address(context.peer()))
 
     async def Register(self, request: registration_pb2.RegisterRequest,
                        context: grpc.aio.ServicerContext) -> exit_pb2.ExitRegistered:
-        answer = await self.loop.register(request)
+        answer = await self.loop.register(request, peer_address(context.peer()))
         if isinstance(answer, exit_pb2.RegistrationRefused):
             await context.abort(refusal_status(answer.reason),
                                 f"{exit_pb2.RefusalReason.Name(answer.reason)}: {answer.detail}")
@@ -634,8 +641,9 @@ def exit_prefixes(settings: ExitSettings) -> dict[str, str]:
 
 def configure(definition: ServiceDefinition[Any], cfg: NodeConfig) -> ServiceDefinition[Any]:
     """Handlers closed over the configured exits' addresses."""
+    settings = cfg.section("exit", ExitSettings)
     return dataclasses.replace(
-        definition, handlers=make_handlers(exit_prefixes(cfg.section("exit", ExitSettings))))
+        definition, handlers=make_handlers(exit_prefixes(settings), serving=settings.serve))
 
 
 DEFINITION: ServiceDefinition[Any] = ServiceDefinition(

@@ -44,14 +44,15 @@ def test_the_readme_demo_meters_routes_pays_and_reaches_the_internet(tmp_path: P
     r1 = next(line for line in final.splitlines() if line.startswith("r1 ") and ">" in line)
     assert "r5>r4(192,2e+06)" in r1, r1
     # r3 used the exit, carried bytes through it and paid it; both gateways
-    # announce it.
+    # keep a link to the exit over the internet.
     exits = {line.split()[0]: line for line in final.splitlines()
              if " client " in line or " gateway " in line or " exit " in line}
     used = re.search(r"client ex \(in use, tunnel up, ([0-9.e+]+) B, billed ([0-9.e+]+), "
                      r"paid ([0-9.e+]+) wei\)", exits["r3"])
     assert used is not None, exits["r3"]
     assert float(used[1]) > 0 and float(used[3]) > 0, exits["r3"]
-    assert "gateway ex (announced)" in exits["r6"] and "gateway ex (announced)" in exits["r7"]
+    for gateway in ("r6", "r7"):
+        assert re.search(rf"^{gateway} .* ex:up\(", final, re.MULTILINE), final
     # The settlement: traffic crossed every link, every router was paid by
     # a neighbor, and bytes, prices and payments reconcile link by link.
     report = out.split("settlement: ")[1]
@@ -63,6 +64,11 @@ def test_the_readme_demo_meters_routes_pays_and_reaches_the_internet(tmp_path: P
         assert paid == got, f"{payer}->{payee}"
         received[payee] += int(got.replace(",", ""))
     assert all(received.values()), received
+    # The exit was paid by r3 and paid its gateways for the response traffic.
+    exit_paid = re.search(r"^  exit ex: ([\d,]+) wei received from its clients, ([\d,]+) wei "
+                          r"paid to the mesh for response traffic$", out, re.MULTILINE)
+    assert exit_paid is not None, report
+    assert all(int(figure.replace(",", "")) > 0 for figure in exit_paid.groups()), report
     assert "settlement: reconciled" in out, out
     assert "namespaces removed" in out
     assert not [n for n in netns.listnetns() if n.startswith(f"{prefix}-")]

@@ -43,13 +43,14 @@ from tests.netns.test_route import reaches, run_meshctl
 pytestmark = [pytest.mark.netns, pytest.mark.emulator]
 
 SERVICES = ("discovery", "link", "meter", "route", "pay")
-# A payment for every 100 kB owed; the exit throttles a client to
-# 4 Mbit/s beyond 2*10^12 wei (1 MB of response traffic at its default
-# price) and cuts it off beyond 1.2*10^13 (6 MB).
+# A payment for every 100 kB owed. c pays ex 5*10^6 wei per byte of response
+# traffic: ex's fee (10^6) on what the mesh charges ex to carry it to c
+# (g, r2, r1 and c, 10^6 each). ex throttles c to 4 Mbit/s beyond 5*10^12
+# wei (1 MB of it) and cuts it off beyond 3*10^13 (6 MB).
 PAY_THRESHOLD = 10**11
 FAST = {"route": {"hello_interval": 1.0}, "meter": {"pay_threshold": PAY_THRESHOLD}}
-THROTTLE_DEBT, THROTTLE_BPS = 2 * 10**12, 4_000_000
-CUT_OFF_DEBT = 12 * 10**12
+THROTTLE_DEBT, THROTTLE_BPS = 5 * 10**12, 4_000_000
+CUT_OFF_DEBT = 30 * 10**12
 LIVENESS_SECONDS = ExitSettings().liveness_seconds
 MARKER = b"plaintext-marker-7f3a"
 FILE_BYTES = 4_000_000
@@ -202,6 +203,12 @@ def test_a_client_three_relays_away_downloads_through_the_exit(
              explain=lambda: str(metered()))
     on_exit, on_client = metered()
     prices = on_exit.registration
+    # The exit quoted c its fee on top of its own route's price to c.
+    routes = route_pb2.RouteState()
+    client.status(mesh.routers["ex"].layout.socket("route")).state.Unpack(routes)
+    carried = amount(routes.routes[f"{mesh.fabric.nodes['c'].ipv6}/128"].path_price)
+    assert carried == 4 * 10**6
+    assert amount(prices.price_down) == ExitSettings().fee_down + carried
     assert amount(on_exit.balance.usage_charged) == (
         on_exit.bytes_up * amount(prices.price_up) + on_exit.bytes_down * amount(prices.price_down))
 
@@ -226,7 +233,8 @@ def test_a_client_three_relays_away_downloads_through_the_exit(
     assert {d.payee for d in into_mesh} <= {"g1", "g2"}
     assert sum(d.bytes for d in into_mesh) >= FILE_BYTES
     assert sum(d.paid for d in into_mesh) >= sum(d.owed for d in into_mesh) - 2 * PAY_THRESHOLD
-    assert report.margins["r1"] > 0 and report.margins["r2"] > 0
+    # The relays kept a margin, and so did the exit: its fee.
+    assert report.margins["r1"] > 0 and report.margins["r2"] > 0 and report.margins["ex"] > 0
     [to_exit] = report.exit_directions
     assert (to_exit.payer, to_exit.payee) == ("c", "ex")
     # What the operator sees.

@@ -28,7 +28,9 @@ from services.exit.registration import (
     choose,
     client_access,
     offer_message,
+    peer_address,
     registration_message,
+    response_price,
     usage_since,
 )
 from services.exit.service import ExitAddress, ExitSettings
@@ -118,8 +120,42 @@ def test_a_client_takes_only_an_offer_signed_by_the_exit_it_first_registered_wit
                                      exit_chain_address=exit_keys.chain_address,
                                      client_addresses=["fd64:0:0:1::2/128"])
     assert check_answer(answer, genuine) is None
+    answer.price_down.CopyFrom(money(3))  # dearer than offered
+    assert check_answer(answer, genuine) == "the answer's price_down 3 is above the offer's 2"
+    answer.price_down.CopyFrom(money(2))
     answer.exit_chain_address = impostor.chain_address  # the money would go elsewhere
     assert check_answer(answer, genuine) == "the answer's chain address is not the exit identity's"
+
+
+def test_an_exit_prices_response_traffic_at_its_route_to_the_client() -> None:
+    """An exit keeps every route; a client's response traffic costs it the
+    path price of the longest prefix holding the client's address."""
+    handlers = make_handlers({}, serving=True)
+    state = exit_pb2.ExitState()
+    for prefix, price in (("2001:db8::/64", 5), ("2001:db8::1/128", 4_000_000)):
+        handlers[route_pb2.RouteChanged](state, event(route_pb2.RouteChanged(
+            prefix=prefix, metric=192, next_hop_id="g2", path_price=money(price),
+            change=route_pb2.ROUTE_CHANGE_SELECTED)))
+    assert response_price(state.mesh_routes, "2001:db8::1") == 4_000_000
+    assert response_price(state.mesh_routes, "2001:db8::2") == 5
+    # A client on the internet is answered over the uplink: the mesh bills nothing.
+    assert response_price(state.mesh_routes, "2001:db9::1") == 0
+    assert response_price(state.mesh_routes, "") == 0
+    handlers[route_pb2.RouteChanged](state, event(route_pb2.RouteChanged(
+        prefix="2001:db8::1/128", change=route_pb2.ROUTE_CHANGE_RETRACTED)))
+    assert response_price(state.mesh_routes, "2001:db8::1") == 5
+    # Anyone but an exit keeps only the routes to its exits.
+    client_state = exit_pb2.ExitState()
+    make_handlers({})[route_pb2.RouteChanged](client_state, event(route_pb2.RouteChanged(
+        prefix="2001:db8::1/128", change=route_pb2.ROUTE_CHANGE_SELECTED)))
+    assert not client_state.mesh_routes
+
+
+def test_the_callers_address_is_read_from_grpcs_peer_string() -> None:
+    assert peer_address("ipv6:[2001:db8:0:1::1]:43210") == "2001:db8:0:1::1"
+    assert peer_address("ipv6:%5B2001:db8:0:1::1%5D:43210") == "2001:db8:0:1::1"
+    assert peer_address("ipv4:192.0.2.7:5000") == "192.0.2.7"
+    assert peer_address("unix:/run/x.sock") == ""
 
 
 def test_clients_get_the_lowest_free_address_and_keep_it() -> None:
