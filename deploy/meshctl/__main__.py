@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     exits = sub.add_parser(
         "exits", aliases=["exit"],
-        help="exits: the one a client uses, an exit's clients, a gateway's exits")
+        help="exits: the one a client uses, an exit's clients")
     exits.add_argument("--json", action="store_true", help="as JSON")
     exits.set_defaults(func=cmd_exits)
 

@@ -284,7 +284,7 @@ def route_rows(node: Node) -> list[dict[str, object]]:
 
 def exit_rows(node: Node) -> list[dict[str, object]]:
     """exit's view, a row per peer whatever the role: a client's exits (the
-    one in use marked), an exit's clients, a gateway's exits."""
+    one in use marked), an exit's clients."""
     from mesh.exit.v1 import exit_pb2
 
     from services.common.money import amount
@@ -321,11 +321,6 @@ def exit_rows(node: Node) -> list[dict[str, object]]:
             "addresses": ",".join(admitted.registration.client_addresses), "metric": "-",
             **billed(admitted),
         })
-    for exit_id, up in sorted(state.gateway_tunnels.items()):
-        rows.append({"role": "gateway", "peer": exit_id, "state": "announced",
-                     "addresses": ",".join(up.announced_prefixes), "metric": "-",
-                     "bytes_up": "-", "bytes_down": "-", "owed_wei": "-", "paid_wei": "-",
-                     "price_up": "-", "price_down": "-"})
     return rows
 
 

@@ -153,8 +153,7 @@ EXIT_HEADERS = ["router", "exits: role peer (state, bytes both ways, billed, pai
 
 
 def exit_rows(emulated: mesh_mod.EmulatedMesh) -> list[list[object]]:
-    """Per router running exit: the exit a client uses, an exit's clients, the
-    exits a gateway announces."""
+    """Per router running exit: the exit a client uses, an exit's clients."""
     rows: list[list[object]] = []
     for name, router in emulated.routers.items():
         if not _serving(router, "exit"):
@@ -163,11 +162,10 @@ def exit_rows(emulated: mesh_mod.EmulatedMesh) -> list[list[object]]:
             listed = client.exit_rows(client.Node.open(router.layout.root))
         except client.NodeError:
             continue
-        cells = [f"{r['role']} {r['peer']} ({r['state']}"
-                 + (f", {_short(int(r['bytes_up']) + int(r['bytes_down'])).lstrip('+')} B, "
-                    f"billed {_short(int(r['owed_wei'])).lstrip('+')}, "
-                    f"paid {_short(int(r['paid_wei'])).lstrip('+')} wei)"
-                    if r["role"] != "gateway" else ")")
+        cells = [f"{r['role']} {r['peer']} ({r['state']}, "
+                 f"{_short(int(r['bytes_up']) + int(r['bytes_down'])).lstrip('+')} B, "
+                 f"billed {_short(int(r['owed_wei'])).lstrip('+')}, "
+                 f"paid {_short(int(r['paid_wei'])).lstrip('+')} wei)"
                  for r in listed]
         rows.append([name, "; ".join(cells) or "-"])
     return rows

@@ -55,9 +55,9 @@ def b64(key: bytes) -> str:
 
 
 def install_nat(uplinks: tuple[str, ...]) -> None:
-    """What leaves an uplink leaves with the uplink's address: a gateway's
-    mesh traffic and an exit's clients alike (replies come back through
-    conntrack, which the forwarding policy lets in)."""
+    """What an exit's clients send out of an uplink leaves with the uplink's
+    address (replies come back through conntrack, which the forwarding
+    policy lets in)."""
     names = ", ".join(f'"{n}"' for n in check_ifnames(uplinks))
     Nft().run(
         f"table {NAT_TABLE} {{}}\n"

@@ -1,6 +1,7 @@
 """exit's projection, for every role the node plays: the clients an exit
-admitted, the exits a client may use (with the route to each) and the one
-it uses, and the exits a gateway reaches. Pure functions of (state, event).
+admitted (and, on an exit, every route: what carrying response traffic to
+a client costs), the exits a client may use (with the route to each) and
+the one it uses. Pure functions of (state, event).
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from services.common.money import MoneyError, amount, money
 from services.common.runtime import Handler, Outgoing
 from services.pay.handlers import client_counterparty, exit_counterparty
 
-EXIT, CLIENT, GATEWAY = (exit_pb2.EXIT_ROLE_EXIT, exit_pb2.EXIT_ROLE_CLIENT,
-                         exit_pb2.EXIT_ROLE_GATEWAY)
+EXIT, CLIENT = exit_pb2.EXIT_ROLE_EXIT, exit_pb2.EXIT_ROLE_CLIENT
 
 
 def on_registered(
@@ -48,8 +48,6 @@ def on_tunnel_up(state: exit_pb2.ExitState, event: Event[exit_pb2.ExitTunnelUp])
         state.clients[up.peer_id].tunnel_up = True
     elif up.role == CLIENT:
         state.exits[up.peer_id].tunnel_up = True
-    elif up.role == GATEWAY:
-        state.gateway_tunnels[up.peer_id].CopyFrom(up)
     return []
 
 
@@ -63,8 +61,6 @@ def on_tunnel_down(
         state.exits[down.peer_id].tunnel_up = False
         if state.selected_exit_id == down.peer_id:
             state.selected_exit_id = ""
-    elif down.role == GATEWAY:
-        state.gateway_tunnels.pop(down.peer_id, None)
     return []
 
 
@@ -198,5 +194,4 @@ def summarize(state: exit_pb2.ExitState) -> Mapping[str, Any]:
         "exit": state.selected_exit_id or "-",
         "exits_routed": ",".join(sorted(e for e, x in state.exits.items()
                                         if x.HasField("route"))) or "-",
-        "gateway_to": ",".join(sorted(state.gateway_tunnels)) or "-",
     }

@@ -5,9 +5,6 @@
 - client (`exits`): picks an exit by its route and price, registers, brings
   up the tunnel with the default route through it, and fails over when the
   exit stops answering;
-- gateway (`gateway_exits`): NAT out of the uplinks, and an ExitTunnelUp
-  (route announces the exit's address into Babel) while the exit answers
-  over an uplink, an ExitTunnelDown when it stops.
 
 Order of effects: a registration is stored (ExitRegistered) before the exit
 adds the client's peer or answers, so a restarted exit rebuilds every peer
@@ -21,7 +18,6 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -39,7 +35,7 @@ from services.common.runtime import Outgoing, ServiceDefinition, ServiceRuntime
 from services.common.wireguard import WireGuardError
 
 from . import effects
-from .handlers import CLIENT, EXIT, GATEWAY, make_handlers, summarize
+from .handlers import CLIENT, EXIT, make_handlers, summarize
 from .registration import (
     Candidate,
     addresses_for,
@@ -64,8 +60,6 @@ CALL_TIMEOUT = 3.0
 AVOID_SECONDS = 30.0
 # ...and never sooner than this (an exit that refuses us is not asked twice a second).
 RETRY_SECONDS = 5.0
-# A gateway withdraws an exit after this many probes in a row went unanswered.
-PROBES_LOST = 3
 # A client whose tunnel has been quiet this long asks the exit for an answer.
 PROBE_AFTER_SECONDS = 1.0
 
@@ -141,14 +135,6 @@ class ExitSettings:
                 "NAME=[ADDRESS]:PORT; empty: not a client"})
     liveness_seconds: float = field(default=6.0, metadata={
         "help": "a client fails over when its exit tunnel receives nothing this long"})
-    gateway_exits: tuple[str, ...] = field(default=(), metadata={
-        "help": "exits this gateway announces into Babel while they answer over an uplink, "
-                "each NAME=[ADDRESS]:PORT"})
-    gateway_metric: int = field(default=192, metadata={
-        "help": "metric a gateway announces its exits at: the links beyond it, 96 each "
-                "(its uplink and the internet's link to the exit)"})
-    probe_interval: float = field(default=1.0, metadata={
-        "help": "seconds between a gateway's checks that its exits answer"})
     sample_interval: float = field(default=2.0, metadata={
         "help": "seconds between readings of the exit tunnels' byte counters (billing)"})
 
@@ -162,8 +148,6 @@ class ExitSettings:
         for port_field in ("registration_port", "tunnel_port"):
             if not 1 <= getattr(self, port_field) <= 65535:
                 raise ConfigError(f"[exit] {port_field} must be 1-65535")
-        if not 0 <= self.gateway_metric < 0xFFFF:
-            raise ConfigError("[exit] gateway_metric must be in 0..65534")
         if self.cut_off_debt < 0 or self.debt_tolerance < 0:
             raise ConfigError("[exit] cut_off_debt and debt_tolerance must not be negative")
         if not 0 <= self.throttle_debt <= self.cut_off_debt:
@@ -175,13 +159,9 @@ class ExitSettings:
         if self.liveness_seconds <= 2 * effects.KEEPALIVE_SECONDS:
             raise ConfigError("[exit] liveness_seconds must exceed two keepalives (2 s)")
         self.exit_addresses()
-        self.gateway_addresses()
 
     def exit_addresses(self) -> list[ExitAddress]:
         return [ExitAddress.parse(s, self.registration_port) for s in self.exits]
-
-    def gateway_addresses(self) -> list[ExitAddress]:
-        return [ExitAddress.parse(s, self.registration_port) for s in self.gateway_exits]
 
 
 def refusal_status(reason: exit_pb2.RefusalReason) -> grpc.StatusCode:
@@ -244,14 +224,12 @@ class ExitLoop:
 
     async def run(self) -> None:
         loops = []
-        if self.rt.cfg.node.uplinks:
-            await asyncio.to_thread(effects.install_nat, self.rt.cfg.node.uplinks)
         if self.settings.serve:
+            if self.rt.cfg.node.uplinks:
+                await asyncio.to_thread(effects.install_nat, self.rt.cfg.node.uplinks)
             loops.append(self.serve())
         if self.settings.exits:
             loops.append(self.use_exits())
-        if self.settings.gateway_exits:
-            loops.append(self.watch_exits())
         try:
             await asyncio.gather(*loops)
         finally:
@@ -571,46 +549,6 @@ class ExitLoop:
         """The exit used before this selection (the one that failed), if any."""
         recent = [e for e, at in self.avoid.items() if time.monotonic() - at < AVOID_SECONDS]
         return max(recent, key=lambda e: self.avoid[e], default="")
-
-    # -- gateway side ------------------------------------------------------------
-
-    async def watch_exits(self) -> None:
-        exits = self.settings.gateway_addresses()
-        lost = {e.name: PROBES_LOST for e in exits}
-        while not self.rt.stopping.is_set():
-            for where in exits:
-                answered = await asyncio.to_thread(self.answers_over_uplink, where)
-                lost[where.name] = 0 if answered else lost[where.name] + 1
-                up = where.name in self.rt.state.gateway_tunnels
-                if answered and not up:
-                    await self.rt.publish(Outgoing("tunnel_up", where.name, exit_pb2.ExitTunnelUp(
-                        role=GATEWAY, peer_id=where.name, endpoint_address=where.address,
-                        endpoint_port=where.port, announced_prefixes=[where.prefix],
-                        announced_metric=self.settings.gateway_metric)))
-                    log.info(kv("gateway.exit_up", exit=where.name, announced=where.prefix))
-                elif up and lost[where.name] >= PROBES_LOST:
-                    await self.rt.publish(Outgoing("tunnel_down", where.name,
-                                                   exit_pb2.ExitTunnelDown(
-                        role=GATEWAY, peer_id=where.name,
-                        reason=exit_pb2.TUNNEL_DOWN_REASON_UNRESPONSIVE)))
-                    log.warning(kv("gateway.exit_down", exit=where.name))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.rt.stopping.wait(), self.settings.probe_interval)
-
-    def answers_over_uplink(self, where: ExitAddress) -> bool:
-        """The exit accepts a connection on its registration port through one
-        of our uplinks (never through the mesh: another gateway's route there
-        says nothing about ours)."""
-        for uplink in self.rt.cfg.node.uplinks:
-            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, uplink.encode())
-                sock.settimeout(self.settings.probe_interval)
-                try:
-                    sock.connect((where.address, where.port))
-                except OSError:
-                    continue
-                return True
-        return False
 
 
 class RegistrationServicer(registration_pb2_grpc.ExitRegistrationServicer):

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from google.protobuf.message import Message
-from mesh.exit.v1 import exit_pb2
 from mesh.link.v1 import link_pb2
 from mesh.meter.v1 import meter_pb2
 from mesh.route.v1 import route_pb2
@@ -23,7 +22,7 @@ from services.common.envelope import Event, MalformedEvent
 from services.common.money import MoneyError, amount
 from services.common.runtime import Handler, Outgoing
 
-from .babel.codec import INFINITY, network
+from .babel.codec import INFINITY
 
 MAX_WEIGHT = 1000
 
@@ -107,31 +106,6 @@ def on_pardoned(
     return []
 
 
-def on_exit_tunnel_up(
-    state: route_pb2.RouteState, event: Event[exit_pb2.ExitTunnelUp]
-) -> list[Outgoing]:
-    up = event.payload
-    if up.role == exit_pb2.EXIT_ROLE_GATEWAY:
-        for prefix in up.announced_prefixes:
-            try:
-                network(prefix)
-            except ValueError as err:
-                raise MalformedEvent(f"exit {up.peer_id}: announced prefix: {err}") from None
-        if up.announced_metric >= INFINITY:
-            raise MalformedEvent(f"exit {up.peer_id}: announced at infinite metric")
-        state.announced[up.peer_id].CopyFrom(route_pb2.RouteState.Announced(
-            prefixes=up.announced_prefixes, metric=up.announced_metric))
-    return []
-
-
-def on_exit_tunnel_down(
-    state: route_pb2.RouteState, event: Event[exit_pb2.ExitTunnelDown]
-) -> list[Outgoing]:
-    if event.payload.role == exit_pb2.EXIT_ROLE_GATEWAY:
-        state.announced.pop(event.payload.peer_id, None)
-    return []
-
-
 def summarize(state: route_pb2.RouteState) -> Mapping[str, Any]:
     return {
         "routes": len(state.routes),
@@ -139,7 +113,6 @@ def summarize(state: route_pb2.RouteState) -> Mapping[str, Any]:
         "seqno": state.seqno,
         "price_weight_permille": state.price_weight_permille,
         "penalized": ",".join(sorted(state.penalties)) or "-",
-        "exits_announced": ",".join(sorted(state.announced)) or "-",
     }
 
 
@@ -152,6 +125,4 @@ HANDLERS: Final[Mapping[type[Message], Handler[Any]]] = {
     meter_pb2.PriceSet: on_price_set,
     verify_pb2.NeighborPenalized: on_penalized,
     verify_pb2.NeighborPardoned: on_pardoned,
-    exit_pb2.ExitTunnelUp: on_exit_tunnel_up,
-    exit_pb2.ExitTunnelDown: on_exit_tunnel_down,
 }

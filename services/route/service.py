@@ -279,14 +279,11 @@ class RouteLoop:
             self.own_refreshed = now
             self.loopback = (await self.kernel_thread.run(self.kernel.loopback_prefixes)
                              if self.settings.originate_loopback else [])
-        # A gateway's exits go as soon as they become unreachable (every tick).
-        metrics = {p: a.metric for a in self.rt.state.announced.values() for p in a.prefixes}
-        own = list(self.settings.originate) + self.loopback + sorted(metrics)
+        own = list(self.settings.originate) + self.loopback
         if own != self.own_prefixes:
             self.own_prefixes = own
             log.info(kv("route.originate", prefixes=",".join(own) or "-"))
-        self.speaker.originate((network(p) for p in own),
-                               {network(p): m for p, m in metrics.items()})
+        self.speaker.originate(network(p) for p in own)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -406,7 +403,7 @@ DEFINITION: ServiceDefinition[Any] = ServiceDefinition(
     state_type=route_pb2.RouteState,
     subjects=("evt.link.up.>", "evt.link.down.>", "evt.meter.price.>", "evt.route.changed.>",
               "evt.route.seqno.>", "evt.route.tradeoff.>", "evt.verify.penalized.>",
-              "evt.verify.pardoned.>", "evt.exit.tunnel_up.>", "evt.exit.tunnel_down.>"),
+              "evt.verify.pardoned.>"),
     handlers=HANDLERS,
     summarize=summarize,
     tasks=(route_loop,),

@@ -204,18 +204,6 @@ def test_the_client_projection_follows_routes_selection_and_tunnels() -> None:
     assert not state.exits["ex"].HasField("route")
 
 
-def test_a_gateway_keeps_the_exits_it_announces() -> None:
-    handlers = make_handlers({})
-    state = exit_pb2.ExitState()
-    up = exit_pb2.ExitTunnelUp(role=exit_pb2.EXIT_ROLE_GATEWAY, peer_id="ex",
-                               announced_prefixes=["2001:db8::8/128"])
-    handlers[exit_pb2.ExitTunnelUp](state, event(up))
-    assert list(state.gateway_tunnels["ex"].announced_prefixes) == ["2001:db8::8/128"]
-    handlers[exit_pb2.ExitTunnelDown](state, event(exit_pb2.ExitTunnelDown(
-        role=exit_pb2.EXIT_ROLE_GATEWAY, peer_id="ex")))
-    assert "ex" not in state.gateway_tunnels
-
-
 def test_exit_addresses_parse_and_bad_ones_say_why() -> None:
     assert ExitAddress.parse("ex=[2001:db8::8]:6000", 50080) == ExitAddress(
         "ex", "2001:db8::8", 6000)

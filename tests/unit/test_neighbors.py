@@ -9,11 +9,20 @@ from google.protobuf import timestamp_pb2
 from mesh.discovery.v1 import discovery_pb2
 from mesh.link.v1 import link_pb2
 
+from services.common.config import ConfigError
 from services.common.envelope import Event
 from services.common.identity import Identity
 from services.discovery.hello import HelloInfo
-from services.discovery.table import NeighborTable, RateLimited, Replayed, TableFull
+from services.discovery.service import DiscoverySettings
+from services.discovery.table import (
+    NeighborTable,
+    RateLimited,
+    Replayed,
+    TableFull,
+    unicast_targets,
+)
 from services.link import handlers as link
+from services.link.service import endpoint
 
 
 def hello(identity: Identity, node: str, sent_at: int, port: int = 7387) -> HelloInfo:
@@ -33,6 +42,24 @@ def test_first_hello_is_news_repeats_are_not(alice: Identity) -> None:
     assert table.heard(hello(alice, "a", 2000), "v-a", "fe80::1", 2000) is None
     moved = table.heard(hello(alice, "a", 3000, port=7999), "v-a", "fe80::1", 3000)
     assert moved is not None and moved.reason == discovery_pb2.NEIGHBOR_SEEN_REASON_CHANGED
+
+
+def test_a_gateway_hellos_its_exits_and_an_exit_answers_whoever_helloed_it(
+        alice: Identity) -> None:
+    """Over an uplink hellos go unicast: a gateway to its configured
+    internet_peers, an exit (answering) back to the routers heard there."""
+    table = NeighborTable()
+    table.heard(hello(alice, "gw", 1000), "up0", "2001:db8:ff:6::1", 1000)
+    heard = table.sources_on("up0")
+    assert heard == ["2001:db8:ff:6::1"] and table.sources_on("v-a") == []
+    assert unicast_targets(("2001:db8:ff:9::1",), False, heard) == ["2001:db8:ff:9::1"]
+    assert unicast_targets((), True, heard) == ["2001:db8:ff:6::1"]
+    assert unicast_targets((), False, heard) == []
+    with pytest.raises(ConfigError, match=r"internet_peers: 'exit\.example' is not an IPv6"):
+        DiscoverySettings(internet_peers=("exit.example",))
+    # WireGuard needs a link-local endpoint's interface; a global one is routed.
+    assert endpoint("fe80::1", "v-a", 20000) == "[fe80::1%v-a]:20000"
+    assert endpoint("2001:db8:ff:6::1", "up0", 20000) == "[2001:db8:ff:6::1]:20000"
 
 
 def test_a_hello_replayed_on_another_interface_is_refused(alice: Identity) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address, ip_address
 
@@ -94,7 +94,6 @@ class Speaker:
         self.interfaces: dict[str, _Interface] = {}
         self.neighbors: dict[str, Neighbor] = {}  # by "interface/address"
         self.own: set[Network] = set()
-        self.own_metrics: dict[Network, int] = {}
         self.penalties: dict[str, int | None] = {}  # by neighbor key
         self.selected: dict[Network, Selected] = {}
         self.stats = Stats()
@@ -125,21 +124,14 @@ class Speaker:
                 interface.pending.append(RouteRequest(None))
                 interface.next_update = now
 
-    def originate(self, prefixes: Iterable[Network],
-                  metrics: Mapping[Network, int] | None = None) -> None:
-        """Announce prefixes as ours: at metric 0, or at `metrics`' (a gateway's
-        exit lies links beyond it)."""
+    def originate(self, prefixes: Iterable[Network]) -> None:
+        """Announce prefixes as ours, at metric 0."""
         prefixes = set(prefixes)
-        metrics = dict(metrics or {})
-        if metrics != self.own_metrics:
-            self.triggered |= set(metrics) ^ set(self.own_metrics) | {
-                p for p in metrics if metrics[p] != self.own_metrics.get(p)}
-            self.own_metrics = metrics
         if prefixes != self.own:
             self.triggered |= prefixes ^ self.own
             self.dirty |= prefixes ^ self.own
-            # A prefix we now originate (a gateway's exit) is no longer routed
-            # through a neighbor: the route learned for it is dropped.
+            # A prefix we now originate is no longer routed through a
+            # neighbor: the route learned for it is dropped.
             for prefix in prefixes - self.own:
                 self.selected.pop(prefix, None)
             self.own = prefixes
@@ -267,7 +259,7 @@ class Speaker:
             self.interfaces[interface].pending.extend(messages)
 
     def _own_update(self, prefix: Network) -> Update:
-        return Update(prefix, self.router_id, self.seqno, self.own_metrics.get(prefix, 0),
+        return Update(prefix, self.router_id, self.seqno, 0,
                       int(self.update_interval * 100),
                       price=self.own_price, v4_via_v6=prefix.version == 4)
 
