@@ -8,7 +8,7 @@
     meshctl routes                    selected routes: next hop, metric, price
     meshctl route tradeoff [0..1000]  how much price weighs against quality
     meshctl route babel               Babel neighbors, link costs, malformed counters
-    meshctl exits                     exits in use (client), clients (exit), exits announced
+    meshctl exits                     exits in use (client), clients (exit): bills, payments
                                       (also `meshctl exit`)
     meshctl events [--follow]         the node's event log, decoded
     meshctl upgrade SERVICE PACKAGE   a new release of one service, restarting only it
@@ -314,7 +314,7 @@ def cmd_exits(args: argparse.Namespace) -> int:
     headers = ["role", "peer", "state", "addresses", "metric", "price_up", "price_down",
                "bytes_up", "bytes_down", "owed_wei", "paid_wei"]
     print_rows(client.exit_rows(node), headers, args.json,
-               "no exits, clients or announced exits yet")
+               "no exits or clients yet")
     return 0
 
 
