@@ -96,6 +96,12 @@ class Report:
     def ok(self) -> bool:
         return not self.problems
 
+    def check_paid(self, direction: Direction, name: str) -> None:
+        """What the payer paid must be what the payee received."""
+        if direction.paid != direction.received:
+            self.problems.append(f"{name}: paid {direction.paid:,} but {direction.payee} "
+                                 f"received {direction.received:,}")
+
     def lines(self) -> list[str]:
         total_owed = sum(d.owed for d in self.directions)
         total_charged = sum(d.charged for d in self.directions)
@@ -148,9 +154,7 @@ def reconcile(ledgers: Mapping[str, Mapping[str, Ledger]], pay_threshold: int,
                 report.problems.append(
                     f"{payer}->{payee}: meters {direction.metered_off:.1%} apart "
                     f"(owes {mine.owed:,}, charged {other.charged:,})")
-            if direction.paid != direction.received:
-                report.problems.append(f"{payer}->{payee}: paid {direction.paid:,} but "
-                                       f"{payee} received {direction.received:,}")
+            report.check_paid(direction, f"{payer}->{payee}")
             if payer < payee:
                 net = (mine.owed - mine.sent) - (mine.charged - mine.received)
                 report.outstanding[(payer, payee)] = net
@@ -167,9 +171,7 @@ def reconcile(ledgers: Mapping[str, Mapping[str, Ledger]], pay_threshold: int,
             report.problems.append(
                 f"{payer}->{payee} (exit): the client's bill {direction.owed:,} is not within "
                 f"{EXIT_TOLERANCE:.0%} below the exit's {direction.charged:,}")
-        if direction.paid != direction.received:
-            report.problems.append(f"{payer}->{payee} (exit): paid {direction.paid:,} but "
-                                   f"{payee} received {direction.received:,}")
+        report.check_paid(direction, f"{payer}->{payee} (exit)")
         if direction.owed - direction.paid > 2 * pay_threshold:
             report.problems.append(f"{payer}->{payee} (exit): {direction.owed - direction.paid:,}"
                                    f" wei unpaid, over twice the pay threshold {pay_threshold:,}")

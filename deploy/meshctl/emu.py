@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from deploy.emulator import mesh as mesh_mod
@@ -152,16 +152,22 @@ def route_rows(emulated: mesh_mod.EmulatedMesh) -> list[list[object]]:
 EXIT_HEADERS = ["router", "exits: role peer (state, bytes both ways, billed, paid)"]
 
 
-def exit_rows(emulated: mesh_mod.EmulatedMesh) -> list[list[object]]:
-    """Per router running exit: the exit a client uses, an exit's clients."""
-    rows: list[list[object]] = []
+def _exit_views(emulated: mesh_mod.EmulatedMesh) -> Iterator[tuple[str, list[dict[str, object]]]]:
+    """Each router running exit, with its exit service's rows (a router
+    restarting just now is left out this time)."""
     for name, router in emulated.routers.items():
         if not _serving(router, "exit"):
             continue
         try:
-            listed = client.exit_rows(client.Node.open(router.layout.root))
+            yield name, client.exit_rows(client.Node.open(router.layout.root))
         except client.NodeError:
             continue
+
+
+def exit_rows(emulated: mesh_mod.EmulatedMesh) -> list[list[object]]:
+    """Per router running exit: the exit a client uses, an exit's clients."""
+    rows: list[list[object]] = []
+    for name, listed in _exit_views(emulated):
         cells = [f"{r['role']} {r['peer']} ({r['state']}, "
                  f"{_short(int(r['bytes_up']) + int(r['bytes_down'])).lstrip('+')} B, "
                  f"billed {_short(int(r['owed_wei'])).lstrip('+')}, "
@@ -332,13 +338,7 @@ def exit_bills(emulated: mesh_mod.EmulatedMesh) -> ExitBills:
     """(client, exit): the client's bill with the exit and the exit's with it,
     for every pair whose both ends answer."""
     sides: dict[tuple[str, str, str], ExitBill] = {}
-    for name, router in emulated.routers.items():
-        if not _serving(router, "exit"):
-            continue
-        try:
-            rows = client.exit_rows(client.Node.open(router.layout.root))
-        except client.NodeError:
-            continue  # restarting just now: no bill this time
+    for name, rows in _exit_views(emulated):
         for row in rows:
             if row["role"] in ("client", "exit"):
                 pair = (name, str(row["peer"])) if row["role"] == "client" else (
