@@ -74,6 +74,19 @@ def check_answer(answer: exit_pb2.ExitRegistered, offer: registration_pb2.ExitOf
     return None
 
 
+# A client registers again at its exit's new prices when one moved this much.
+REQUOTE_STEP = 0.05
+
+
+def repriced(registration: exit_pb2.ExitRegistered, offer: registration_pb2.ExitOffer) -> bool:
+    """The offer's prices moved from the registration's by REQUOTE_STEP or more."""
+    for direction in ("price_up", "price_down"):
+        was, now = amount(getattr(registration, direction)), amount(getattr(offer, direction))
+        if (abs(now - was) >= REQUOTE_STEP * was) if was else now != 0:
+            return True
+    return False
+
+
 def peer_address(peer: str) -> str:
     """The IP address in a gRPC peer string ("ipv6:[2001:db8::1]:5000", its
     brackets maybe %-escaped, or "ipv4:192.0.2.1:5000"); "" for any other."""

@@ -48,6 +48,7 @@ from .registration import (
     offer_message,
     peer_address,
     registration_message,
+    repriced,
     response_price,
     usage_since,
 )
@@ -137,6 +138,9 @@ class ExitSettings:
         "help": "a client fails over when its exit tunnel receives nothing this long"})
     sample_interval: float = field(default=2.0, metadata={
         "help": "seconds between readings of the exit tunnels' byte counters (billing)"})
+    requote_seconds: float = field(default=30.0, metadata={
+        "help": "seconds between a client's checks of its exit's offer: it registers "
+                "again at the new prices when they moved by 5% or more"})
 
     def __post_init__(self) -> None:
         try:
@@ -156,6 +160,8 @@ class ExitSettings:
             raise ConfigError("[exit] throttle_rate_bps must be at least 8000 (1 kB/s)")
         if self.price_up < 0 or self.fee_down < 0:
             raise ConfigError("[exit] prices must not be negative")
+        if self.requote_seconds <= 0:
+            raise ConfigError("[exit] requote_seconds must be positive")
         if self.liveness_seconds <= 2 * effects.KEEPALIVE_SECONDS:
             raise ConfigError("[exit] liveness_seconds must exceed two keepalives (2 s)")
         self.exit_addresses()
@@ -203,6 +209,7 @@ class ExitLoop:
         self.last_received = (0, 0.0)
         self.last_sampled = 0.0
         self.probes_sent = 0
+        self.next_quote = 0.0
 
     def offer(self, client_address: str) -> registration_pb2.ExitOffer:
         """The offer to the client at client_address: response traffic at what
@@ -433,6 +440,8 @@ class ExitLoop:
                     list(registration.client_addresses))
                 self.client_tunnel, self.last_received = name, (0, time.monotonic())
             await self.check_liveness(selected, name)
+            if state.exits[selected].tunnel_up and time.monotonic() >= self.next_quote:
+                await self.requote(selected)
             return
         await self.select_exit()
 
@@ -506,35 +515,11 @@ class ExitLoop:
         chosen = choose(candidates, avoid)
         if chosen is None:
             return
-        where, offer = configured[chosen.exit_id], offers[chosen.exit_id]
-        request = registration_pb2.RegisterRequest(
-            exit_id=chosen.exit_id, client_id=self.rt.node_id,
-            identity_key=self.identity.identity_key,
-            wireguard_key=self.identity.wireguard_public, timestamp_ms=now_ms())
-        request.signature = self.identity.sign(registration_message(request))
-        try:
-            answer = await self.stub(where).Register(request, timeout=CALL_TIMEOUT)
-        except grpc.aio.AioRpcError as err:
-            log.warning(kv("exit.registration_failed", exit=chosen.exit_id,
-                           code=err.code().name, detail=err.details()))
-            await self.rt.publish(Outgoing("refused", chosen.exit_id, exit_pb2.RegistrationRefused(
-                role=CLIENT, exit_id=chosen.exit_id, client_id=self.rt.node_id,
-                reason=refusal_reason(err), detail=f"{err.code().name}: {err.details()}")))
-            self.avoid[chosen.exit_id] = now
-            return
-        wrong = check_answer(answer, offer)
-        if wrong is not None:
-            log.warning(kv("exit.bad_answer", exit=chosen.exit_id, why=wrong))
-            self.avoid[chosen.exit_id] = now
-            return
-        registered = exit_pb2.ExitRegistered()
-        registered.CopyFrom(answer)
-        registered.role = CLIENT
-        registered.exit_identity_key = offer.identity_key
-        registered.exit_endpoint_address = where.address
-        registered.exit_endpoint_port = offer.tunnel_port
         previous = self.client_tunnel_exit()
-        await self.rt.publish(Outgoing("registered", chosen.exit_id, registered))
+        offer = offers[chosen.exit_id]
+        registered = await self.register_with(configured[chosen.exit_id], offer)
+        if registered is None:
+            return
         route = state.exits[chosen.exit_id].route
         sequence = await self.rt.publish(Outgoing("selected", chosen.exit_id, exit_pb2.ExitSelected(
             exit_id=chosen.exit_id, previous_exit_id=previous,
@@ -544,6 +529,62 @@ class ExitLoop:
         await self.rt.wait_handled(sequence)
         log.info(kv("exit.selected", exit=chosen.exit_id, metric=route.metric,
                     previous=previous or "-", addresses=",".join(registered.client_addresses)))
+
+    async def register_with(self, where: ExitAddress, offer: registration_pb2.ExitOffer
+                            ) -> exit_pb2.ExitRegistered | None:
+        """Register with the exit that made offer; the registration, recorded,
+        or None (refused, or an answer not the offer's: the exit is avoided)."""
+        request = registration_pb2.RegisterRequest(
+            exit_id=where.name, client_id=self.rt.node_id,
+            identity_key=self.identity.identity_key,
+            wireguard_key=self.identity.wireguard_public, timestamp_ms=now_ms())
+        request.signature = self.identity.sign(registration_message(request))
+        try:
+            answer = await self.stub(where).Register(request, timeout=CALL_TIMEOUT)
+        except grpc.aio.AioRpcError as err:
+            log.warning(kv("exit.registration_failed", exit=where.name,
+                           code=err.code().name, detail=err.details()))
+            await self.rt.publish(Outgoing("refused", where.name, exit_pb2.RegistrationRefused(
+                role=CLIENT, exit_id=where.name, client_id=self.rt.node_id,
+                reason=refusal_reason(err), detail=f"{err.code().name}: {err.details()}")))
+            self.avoid[where.name] = time.monotonic()
+            return None
+        wrong = check_answer(answer, offer)
+        if wrong is not None:
+            log.warning(kv("exit.bad_answer", exit=where.name, why=wrong))
+            self.avoid[where.name] = time.monotonic()
+            return None
+        registered = exit_pb2.ExitRegistered()
+        registered.CopyFrom(answer)
+        registered.role = CLIENT
+        registered.exit_identity_key = offer.identity_key
+        registered.exit_endpoint_address = where.address
+        registered.exit_endpoint_port = offer.tunnel_port
+        await self.rt.publish(Outgoing("registered", where.name, registered))
+        self.next_quote = time.monotonic() + self.settings.requote_seconds
+        return registered
+
+    async def requote(self, exit_id: str) -> None:
+        """Ask the exit in use for its offer now; register again (same tunnel,
+        same addresses) when its prices moved: the exit's route to us, and so
+        what our response traffic costs it, may have changed since."""
+        self.next_quote = time.monotonic() + self.settings.requote_seconds
+        where = {e.name: e for e in self.settings.exit_addresses()}.get(exit_id)
+        registration = self.rt.state.exits[exit_id].registration
+        if where is None:
+            return
+        offer = await self.stub(where).Offer(registration_pb2.OfferRequest(),
+                                             timeout=CALL_TIMEOUT)
+        wrong = check_offer(offer, exit_id, registration.exit_identity_key)
+        if wrong is not None:
+            log.warning(kv("exit.bad_offer", exit=exit_id, why=wrong))
+            return
+        if not repriced(registration, offer):
+            return
+        log.info(kv("exit.requote", exit=exit_id, price_up=amount(offer.price_up),
+                    price_down=amount(offer.price_down),
+                    was_down=amount(registration.price_down)))
+        await self.register_with(where, offer)
 
     def client_tunnel_exit(self) -> str:
         """The exit used before this selection (the one that failed), if any."""

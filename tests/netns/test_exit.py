@@ -52,13 +52,14 @@ FAST = {"route": {"hello_interval": 1.0}, "meter": {"pay_threshold": PAY_THRESHO
 THROTTLE_DEBT, THROTTLE_BPS = 5 * 10**12, 4_000_000
 CUT_OFF_DEBT = 30 * 10**12
 LIVENESS_SECONDS = ExitSettings().liveness_seconds
+REQUOTE_SECONDS = 2.0
 MARKER = b"plaintext-marker-7f3a"
 FILE_BYTES = 4_000_000
 
 TOPOLOGY = {
     "name": "exits",
     "node": [
-        {"name": "c", "config": {"exit": {"exits": ["ex"]}}},
+        {"name": "c", "config": {"exit": {"exits": ["ex"], "requote_seconds": REQUOTE_SECONDS}}},
         {"name": "r1"}, {"name": "r2"},
         {"name": "g1", "role": "gateway"}, {"name": "g2", "role": "gateway"},
         {"name": "inet", "role": "internet"},
@@ -254,6 +255,41 @@ def test_a_client_three_relays_away_downloads_through_the_exit(
               f"{amount(on_client.balance.usage_charged)} wei, paid "
               f"{amount(on_client.balance.payments)} wei")
         print("\n".join(f"  {line}" for line in report.lines()))
+
+
+def test_a_relay_raising_its_price_raises_what_the_client_pays_for_responses(
+    mesh: EmulatedMesh, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """r1 triples its price: ex's route to c costs ex 2*10^6 more per byte,
+    its offer follows, and c registers again at the new price (its tunnel
+    and addresses unchanged); back when r1 lowers it again."""
+    wait_for("c's exit tunnel", lambda: tunneled(mesh), timeout=120)
+    addresses = list(exit_state(mesh, "c").exits["ex"].registration.client_addresses)
+    r1 = str(mesh.routers["r1"].layout.root)
+
+    def quoted() -> tuple[int, int]:
+        """price_down as c and as ex have it registered."""
+        return (amount(exit_state(mesh, "c").exits["ex"].registration.price_down),
+                amount(exit_state(mesh, "ex").clients["c"].registration.price_down))
+
+    before = quoted()
+    assert before == (5 * 10**6, 5 * 10**6)
+    try:
+        assert run_meshctl(capsys, "-n", r1, "price", "3000000")[0] == 0
+        changed = time.monotonic()
+        wait_for("c to register at ex's new price", lambda: quoted() == (7 * 10**6,) * 2,
+                 timeout=60, explain=lambda: str(quoted()))
+        followed = time.monotonic() - changed
+        assert tunneled(mesh)
+        assert list(exit_state(mesh, "c").exits["ex"].registration.client_addresses) == addresses
+        assert "exit.requote" in (mesh.routers["c"].layout.log_dir / "exit.log").read_text()
+    finally:
+        run_meshctl(capsys, "-n", r1, "price", "1000000")
+    wait_for("c to register at the old price again", lambda: quoted() == before, timeout=60,
+             explain=lambda: str(quoted()))
+    with capsys.disabled():
+        print(f"\n  r1 tripled its price: c pays ex 7e6 wei/B down (was 5e6) "
+              f"{followed:.1f}s later, same tunnel")
 
 
 def test_a_gateway_losing_its_uplink_moves_traffic_to_the_other(

@@ -30,6 +30,7 @@ from services.exit.registration import (
     offer_message,
     peer_address,
     registration_message,
+    repriced,
     response_price,
     usage_since,
 )
@@ -149,6 +150,20 @@ def test_an_exit_prices_response_traffic_at_its_route_to_the_client() -> None:
     make_handlers({})[route_pb2.RouteChanged](client_state, event(route_pb2.RouteChanged(
         prefix="2001:db8::1/128", change=route_pb2.ROUTE_CHANGE_SELECTED)))
     assert not client_state.mesh_routes
+
+
+def test_a_client_registers_again_only_when_a_price_moved_by_five_percent() -> None:
+    registered = exit_pb2.ExitRegistered(price_up=money(10**6), price_down=money(5 * 10**6))
+
+    def offer(up: int, down: int) -> registration_pb2.ExitOffer:
+        return registration_pb2.ExitOffer(price_up=money(up), price_down=money(down))
+
+    assert not repriced(registered, offer(10**6, 5 * 10**6))
+    assert not repriced(registered, offer(10**6, 5_200_000))  # 4%: noise
+    assert repriced(registered, offer(10**6, 7 * 10**6))  # a relay raised its price
+    assert repriced(registered, offer(10**6, 4 * 10**6))  # ... or lowered it
+    assert repriced(registered, offer(2 * 10**6, 5 * 10**6))
+    assert repriced(exit_pb2.ExitRegistered(), offer(0, 1))  # free, then not
 
 
 def test_the_callers_address_is_read_from_grpcs_peer_string() -> None:
