@@ -1,7 +1,8 @@
 """Exits and gateways in namespaces: a client three relays from the internet
 registers with the exit, tunnels to it and downloads over HTTP through it;
 the internet sees the exit, relays see only ciphertext; the exit pays its
-gateways for the response traffic and every bill reconciles; a gateway
+gateways for the response traffic and every bill reconciles; a relay's new
+price reaches what the client pays for responses; a gateway
 losing its uplink moves the traffic to the other one; a bad registration is
 refused.
 
