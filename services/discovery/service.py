@@ -50,12 +50,15 @@ class DiscoverySettings:
                 "setting); off, an uplink hears only the configured internet_peers"})
 
     def __post_init__(self) -> None:
+        canonical = []
         for address in self.internet_peers:
             try:
-                ipaddress.IPv6Address(address)
+                canonical.append(str(ipaddress.IPv6Address(address)))
             except ValueError:
                 raise ConfigError(f"[discovery] internet_peers: {address!r} is not an "
                                   "IPv6 address") from None
+        # As a hello's source reads, so that one from a peer is recognised.
+        object.__setattr__(self, "internet_peers", tuple(canonical))
 
 
 def now_ms() -> int:

@@ -57,6 +57,7 @@ def test_a_gateway_hellos_its_exits_and_an_exit_answers_whoever_helloed_it(
     assert unicast_targets((), False, heard) == []
     with pytest.raises(ConfigError, match=r"internet_peers: 'exit\.example' is not an IPv6"):
         DiscoverySettings(internet_peers=("exit.example",))
+    assert DiscoverySettings(internet_peers=("2001:DB8:0::9",)).internet_peers == ("2001:db8::9",)
     # WireGuard needs a link-local endpoint's interface; a global one is routed.
     assert endpoint("fe80::1", "v-a", 20000) == "[fe80::1%v-a]:20000"
     assert endpoint("2001:db8:ff:6::1", "up0", 20000) == "[2001:db8:ff:6::1]:20000"
