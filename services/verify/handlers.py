@@ -55,8 +55,14 @@ def make_handlers(policy: PenaltyPolicy) -> Mapping[type[Message], Handler[Any]]
         name = verify_pb2.Verdict.Name(verified.verdict)
         record.verdicts[name] += 1
         record.last.CopyFrom(verified)
-        record.recent.append(verified.verdict)
-        del record.recent[:-policy.windows]
+        over = verified.verdict == verify_pb2.VERDICT_OVERCLAIMED
+        # One over-claim per probing round: a round that went badly for us
+        # (the machine or our own link stalled) shows on every prefix at
+        # once; a liar's show round after round.
+        if not (over and record.HasField("last_overclaim")
+                and record.last_overclaim.window_start == verified.window_start):
+            record.recent.append(verified.verdict)
+            del record.recent[:-policy.windows]
         if verified.verdict == verify_pb2.VERDICT_HONEST:
             record.honest_streak += 1
             if record.offenses and record.honest_streak >= policy.forgive_after:
@@ -64,9 +70,14 @@ def make_handlers(policy: PenaltyPolicy) -> Mapping[type[Message], Handler[Any]]
                 record.honest_streak = 0
         else:
             record.honest_streak = 0
-        if verified.verdict == verify_pb2.VERDICT_OVERCLAIMED:
+        if over:
             record.last_overclaim.CopyFrom(verified)
         if record.HasField("penalty"):
+            return []
+        # Excluding our last unpenalized neighbor would cut us off; a router
+        # that finds every neighbor lying is likelier measuring its own trouble.
+        if not any(not other.HasField("penalty") for neighbor_id, other
+                   in state.neighbors.items() if neighbor_id != verified.neighbor_id):
             return []
         overclaims = [v for v in record.recent if v == verify_pb2.VERDICT_OVERCLAIMED]
         if len(overclaims) < policy.overclaimed:

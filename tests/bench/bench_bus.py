@@ -40,11 +40,16 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+def name_and_rss_kib(pid: int) -> tuple[str, int] | None:
+    """The process's name and resident KiB; None if it has exited meanwhile
+    (a service's short-lived `wg` or `nft`, say)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = dict(line.split(":", 1) for line in status if ":" in line)
+    rss = fields.get("VmRSS", "0 kB").split()[0]
+    return fields["Name"].strip(), int(rss)
 
 
 def pids_in_netns(name: str) -> list[int]:
@@ -74,9 +79,9 @@ def idle_router_rss() -> tuple[int, list[str]]:
                           if link.status == link_pb2.LINK_STATUS_UP)
                 time.sleep(0.2)
             time.sleep(3.0)  # let the idle router settle before reading its memory
-            pids = pids_in_netns(mesh.fabric.netns("r2"))
-            names = sorted(Path(f"/proc/{p}/comm").read_text().strip() for p in pids)
-            return sum(rss_kib(p) for p in pids), names
+            alive = [found for pid in pids_in_netns(mesh.fabric.netns("r2"))
+                     if (found := name_and_rss_kib(pid)) is not None]
+            return sum(rss for _, rss in alive), sorted(name for name, _ in alive)
 
 
 async def latency(url: str, watch: str, send: Callable[[Bus, int], Awaitable[object]],

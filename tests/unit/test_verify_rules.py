@@ -3,6 +3,8 @@ penalized, forgiven and pardoned (pure rules; the live test is in netns)."""
 
 from __future__ import annotations
 
+import itertools
+
 from mesh.route.v1 import route_pb2
 from mesh.verify.v1 import verify_pb2
 
@@ -46,15 +48,28 @@ def test_no_answer_is_unreachable_and_too_few_is_inconclusive() -> None:
 POLICY = PenaltyPolicy(windows=6, overclaimed=2, base_seconds=60, forgive_after=3)
 
 
-def window(handlers: dict, state: verify_pb2.VerifyState, judged: int, at: int = 1000) -> list:
-    verified = verify_pb2.RouteVerified(neighbor_id="liar", prefix="2001:db8::1/128",
-                                        verdict=judged)
+ROUNDS = itertools.count(1)
+
+
+def window(handlers: dict, state: verify_pb2.VerifyState, judged: int, at: int = 1000,
+           neighbor: str = "liar", prefix: str = "2001:db8::1/128",
+           round_started: int | None = None) -> list:
+    """A verdict on neighbor's route to prefix from a probing round (a new
+    one unless round_started names it)."""
+    verified = verify_pb2.RouteVerified(neighbor_id=neighbor, prefix=prefix, verdict=judged)
+    verified.window_start.seconds = round_started or next(ROUNDS)
     return list(handlers[verify_pb2.RouteVerified](state, event(verified, at=at)))
+
+
+def with_an_honest_neighbor() -> verify_pb2.VerifyState:
+    state = verify_pb2.VerifyState()
+    state.neighbors["honest"].verdicts["VERDICT_HONEST"] = 1
+    return state
 
 
 def test_two_overclaims_in_the_window_bring_a_penalty_that_doubles() -> None:
     handlers = make_handlers(POLICY)
-    state = verify_pb2.VerifyState()
+    state = with_an_honest_neighbor()
     assert window(handlers, state, OVER) == []
     assert window(handlers, state, HONEST) == []
     [decided] = window(handlers, state, OVER, at=1000)
@@ -72,6 +87,32 @@ def test_two_overclaims_in_the_window_bring_a_penalty_that_doubles() -> None:
     window(handlers, state, OVER)
     [again] = window(handlers, state, OVER, at=5000)
     assert again.payload.expires_at.seconds == 5000 + 120
+
+
+def test_a_round_that_went_badly_on_every_prefix_counts_once() -> None:
+    """The machine stalls for a moment: every prefix through the neighbor
+    looks over-claimed in that one round. No penalty until another round."""
+    handlers = make_handlers(POLICY)
+    state = with_an_honest_neighbor()
+    for target in range(1, 5):
+        assert window(handlers, state, OVER, prefix=f"2001:db8::{target}/128",
+                      round_started=77) == []
+    [decided] = window(handlers, state, OVER, round_started=78)
+    assert decided.kind == "penalized"
+
+
+def test_the_last_unpenalized_neighbor_is_not_excluded() -> None:
+    """Excluding it would cut the router off: a router that finds every
+    neighbor lying is likelier measuring its own trouble."""
+    handlers = make_handlers(POLICY)
+    alone = verify_pb2.VerifyState()
+    assert window(handlers, alone, OVER) == [] and window(handlers, alone, OVER) == []
+    state = with_an_honest_neighbor()
+    state.neighbors["honest"].penalty.neighbor_id = "honest"  # penalized already
+    assert window(handlers, state, OVER) == [] and window(handlers, state, OVER) == []
+    state.neighbors["third"].verdicts["VERDICT_HONEST"] = 1
+    [decided] = window(handlers, state, OVER)
+    assert decided.payload.neighbor_id == "liar"
 
 
 def test_honest_windows_forgive_past_offenses() -> None:
