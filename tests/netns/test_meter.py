@@ -8,6 +8,7 @@ import itertools
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -152,7 +153,6 @@ def test_relay_bills_forwarded_bytes_at_its_prices(mesh: EmulatedMesh) -> None:
 
 def test_operator_sets_the_price_and_absurd_ones_are_refused(mesh: EmulatedMesh) -> None:
     import json
-    import subprocess
     import sys
 
     env = {**os.environ, "MESH_EMU_PREFIX": mesh.prefix, "MESH_EMU_ROOT": str(mesh.workdir.parent)}
@@ -216,10 +216,9 @@ def strict_mesh(tmp_path: Path) -> Iterator[EmulatedMesh]:
         yield emulated
 
 
-def iperf(mesh: EmulatedMesh, *argv: str) -> dict:
+def iperf(mesh: EmulatedMesh, *argv: str, timeout: float = 120) -> dict:
     """iperf3 from r1 to r3 (a one-shot server in r3); its JSON report."""
     import json
-    import subprocess
 
     address = mesh.fabric.nodes["r3"].ipv6
     server = subprocess.Popen(mesh.fabric.exec_argv("r3", ["iperf3", "-s", "-1", "-B", address]),
@@ -228,7 +227,7 @@ def iperf(mesh: EmulatedMesh, *argv: str) -> dict:
         wait_for("iperf3 server", lambda: "iperf3" in mesh.fabric.run(
             "r3", ["ss", "-ltnp"], check=False).stdout, timeout=10)
         done = mesh.fabric.run("r1", ["iperf3", "-c", address, "-J", *argv], check=False,
-                               timeout=120)
+                               timeout=timeout)
         return json.loads(done.stdout)
     finally:
         server.kill()
@@ -280,7 +279,10 @@ def test_a_neighbor_that_does_not_pay_is_throttled_then_cut_off(
     # keep sending at the throttled rate until the debt reaches the cut-off
     deadline = time.monotonic() + 90
     while enforcement(mesh) != meter_pb2.ENFORCEMENT_BLOCKED and time.monotonic() < deadline:
-        iperf(mesh, "-u", "-b", "10M", "-t", "3")
+        # Cut off mid-run, iperf3 would wait for r3's report until its own
+        # two-minute timeout: the cut-off is what this loop waits for.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            iperf(mesh, "-u", "-b", "10M", "-t", "3", timeout=20)
     assert enforcement(mesh) == meter_pb2.ENFORCEMENT_BLOCKED
     r1, r3 = mesh.fabric.netns("r1"), mesh.fabric.nodes["r3"].ipv6
     wait_for("nothing from r1 forwarded", lambda: ping6(r1, r3, count=5, grace=0.5) == 0,
