@@ -227,13 +227,16 @@ class EmulatedMesh:
         """How routers name an exit in [exit]: NAME=[ADDRESS] (the default port)."""
         return f"{name}=[{self.fabric.nodes[name].ipv6}]"
 
+    def role(self, node: str) -> str:
+        return next(n.role for n in self.topology.nodes if n.name == node)
+
     def discovery_section(self, router: str, given: Mapping[str, object],
                           internet: set[str]) -> dict[str, object]:
         """A gateway links to every exit over the internet, at the exit's
         uplink address (its own address is the one the mesh routes to it);
         an exit links back to whichever gateway helloes it."""
         section = dict(given)
-        role = next(n.role for n in self.topology.nodes if n.name == router)
+        role = self.role(router)
         if role == "gateway":
             section.setdefault("internet_peers", [
                 link.a_ipv6 if link.a == name else link.b_ipv6
@@ -247,9 +250,8 @@ class EmulatedMesh:
         """[exit] by role: an exit serves; a client's `exits` may name exits
         of the topology by node name."""
         section = dict(given)
-        role = next(n.role for n in self.topology.nodes if n.name == router)
         exits = [n.name for n in self.topology.nodes if n.role == "exit"]
-        if role == "exit":
+        if self.role(router) == "exit":
             section.setdefault("serve", True)
         listed = section.get("exits", [])
         if isinstance(listed, list):

@@ -337,17 +337,19 @@ ExitBills = dict[tuple[str, str], tuple[ExitBill, ExitBill]]
 def exit_bills(emulated: mesh_mod.EmulatedMesh) -> ExitBills:
     """(client, exit): the client's bill with the exit and the exit's with it,
     for every pair whose both ends answer."""
-    sides: dict[tuple[str, str, str], ExitBill] = {}
+    on_client: dict[tuple[str, str], ExitBill] = {}
+    on_exit: dict[tuple[str, str], ExitBill] = {}
     for name, rows in _exit_views(emulated):
         for row in rows:
-            if row["role"] in ("client", "exit"):
-                pair = (name, str(row["peer"])) if row["role"] == "client" else (
-                    str(row["peer"]), name)
-                sides[(*pair, str(row["role"]))] = ExitBill(
-                    int(str(row["bytes_up"])) + int(str(row["bytes_down"])),
-                    int(str(row["owed_wei"])), int(str(row["paid_wei"])))
-    return {(c, e): (bill, sides[(c, e, "exit")]) for (c, e, role), bill in sides.items()
-            if role == "client" and (c, e, "exit") in sides and bill.bytes}
+            peer = str(row["peer"])
+            bill = ExitBill(int(str(row["bytes_up"])) + int(str(row["bytes_down"])),
+                            int(str(row["owed_wei"])), int(str(row["paid_wei"])))
+            if row["role"] == "client":
+                on_client[(name, peer)] = bill
+            else:
+                on_exit[(peer, name)] = bill
+    return {pair: (bill, on_exit[pair]) for pair, bill in on_client.items()
+            if pair in on_exit and bill.bytes}
 
 
 def settled(emulated: mesh_mod.EmulatedMesh, timeout: float,

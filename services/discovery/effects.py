@@ -36,12 +36,11 @@ def open_uplink_socket(interface: Interface) -> socket.socket:
     return sock
 
 
-def send_unicast_hello(sock: socket.socket, address: str, data: bytes) -> None:
-    sock.sendto(data, (address, HELLO_PORT))
-
-
-def send_hello(sock: socket.socket, interface: Interface, data: bytes) -> None:
-    sock.sendto(data, (HELLO_GROUP, HELLO_PORT, 0, interface.index))
+def send_hello(sock: socket.socket, interface: Interface, data: bytes,
+               to: str = HELLO_GROUP) -> None:
+    """To the link's hello group, or to one address (an internet peer: the
+    interface index scopes only link-local addresses)."""
+    sock.sendto(data, (to, HELLO_PORT, 0, interface.index))
 
 
 def receive(sock: socket.socket) -> tuple[bytes, str] | None:

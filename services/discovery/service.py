@@ -22,7 +22,7 @@ from services.link.handshake import HANDSHAKE_PORT
 
 from . import effects
 from .handlers import HANDLERS, summarize
-from .hello import HelloRejected, decode_hello, encode_hello
+from .hello import HELLO_GROUP, HelloRejected, decode_hello, encode_hello
 from .table import NeighborTable, RateLimited, Replayed, TableFull, unicast_targets
 
 log = logging.getLogger("discovery")
@@ -165,16 +165,23 @@ class HelloLoop:
                         address=source, reason=discovery_pb2.NeighborSeenReason.Name(seen.reason)))
             await self.rt.publish(Outgoing("seen", seen.neighbor_id, seen))
 
-    def hello_internet(self, now: int) -> None:
+    def send_hellos(self, now: int) -> None:
+        """A hello out of every interface, each stamped 1 ms after the one
+        before (the table refuses one no newer than a hello already heard):
+        to the hello group on links, to the internet peers out of uplinks."""
         interval = self.settings.hello_interval_ms
-        for offset, (interface, sock) in enumerate(self.uplink_sockets.values()):
+        sockets = [*self.sockets.values(), *self.uplink_sockets.values()]
+        for offset, (interface, sock) in enumerate(sockets):
             hello = encode_hello(self.identity, self.rt.node_id, HANDSHAKE_PORT, interval,
                                  now + offset)
-            heard = self.table.sources_on(interface.name)
-            for address in unicast_targets(self.settings.internet_peers,
-                                           self.settings.answer_internet_peers, heard):
+            targets = [HELLO_GROUP]
+            if interface.name in self.uplink_sockets:
+                targets = unicast_targets(self.settings.internet_peers,
+                                          self.settings.answer_internet_peers,
+                                          self.table.sources_on(interface.name))
+            for address in targets:
                 try:
-                    effects.send_unicast_hello(sock, address, hello)
+                    effects.send_hello(sock, interface, hello, address)
                 except OSError as err:
                     log.debug(kv("hello.unsent", interface=interface.name, to=address,
                                  error=err))
@@ -191,14 +198,7 @@ class HelloLoop:
             now = now_ms()
             if now >= next_hello:
                 self.refresh_interfaces()
-                for offset, (interface, sock) in enumerate(self.sockets.values()):
-                    hello = encode_hello(self.identity, self.rt.node_id, HANDSHAKE_PORT,
-                                         interval, now + offset)
-                    try:
-                        effects.send_hello(sock, interface, hello)
-                    except OSError as err:
-                        log.debug(kv("hello.unsent", interface=interface.name, error=err))
-                self.hello_internet(now + len(self.sockets))
+                self.send_hellos(now)
                 # Jitter keeps neighbors that started together from staying in step.
                 next_hello = now + int(interval * random.uniform(0.9, 1.1))
             for lost in self.table.expire(now):

@@ -496,16 +496,11 @@ class ExitLoop:
                     or now - self.avoid.get(exit_id, -RETRY_SECONDS) < RETRY_SECONDS:
                 continue
             try:
-                offer = await self.stub(where).Offer(registration_pb2.OfferRequest(),
-                                                     timeout=CALL_TIMEOUT)
+                offer = await self.checked_offer(where)
             except grpc.aio.AioRpcError as err:
                 log.info(kv("exit.no_offer", exit=exit_id, code=err.code().name))
-                self.avoid[exit_id] = now
-                continue
-            pinned = known.registration.exit_identity_key
-            wrong = check_offer(offer, exit_id, pinned)
-            if wrong is not None:
-                log.warning(kv("exit.bad_offer", exit=exit_id, why=wrong))
+                offer = None
+            if offer is None:
                 self.avoid[exit_id] = now
                 continue
             offers[exit_id] = offer
@@ -564,22 +559,30 @@ class ExitLoop:
         self.next_quote = time.monotonic() + self.settings.requote_seconds
         return registered
 
+    async def checked_offer(self, where: ExitAddress) -> registration_pb2.ExitOffer | None:
+        """The exit's offer if it is its own, signed by the identity pinned at
+        our first registration with it (if any); None, logged, if not."""
+        offer = await self.stub(where).Offer(registration_pb2.OfferRequest(),
+                                             timeout=CALL_TIMEOUT)
+        known = self.rt.state.exits.get(where.name)
+        pinned = known.registration.exit_identity_key if known is not None else b""
+        wrong = check_offer(offer, where.name, pinned)
+        if wrong is not None:
+            log.warning(kv("exit.bad_offer", exit=where.name, why=wrong))
+            return None
+        return offer
+
     async def requote(self, exit_id: str) -> None:
         """Ask the exit in use for its offer now; register again (same tunnel,
         same addresses) when its prices moved: the exit's route to us, and so
         what our response traffic costs it, may have changed since."""
         self.next_quote = time.monotonic() + self.settings.requote_seconds
         where = {e.name: e for e in self.settings.exit_addresses()}.get(exit_id)
-        registration = self.rt.state.exits[exit_id].registration
         if where is None:
             return
-        offer = await self.stub(where).Offer(registration_pb2.OfferRequest(),
-                                             timeout=CALL_TIMEOUT)
-        wrong = check_offer(offer, exit_id, registration.exit_identity_key)
-        if wrong is not None:
-            log.warning(kv("exit.bad_offer", exit=exit_id, why=wrong))
-            return
-        if not repriced(registration, offer):
+        offer = await self.checked_offer(where)
+        registration = self.rt.state.exits[exit_id].registration
+        if offer is None or not repriced(registration, offer):
             return
         log.info(kv("exit.requote", exit=exit_id, price_up=amount(offer.price_up),
                     price_down=amount(offer.price_down),
