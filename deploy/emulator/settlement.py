@@ -2,10 +2,17 @@
 the whole mesh, from every router's meter ledgers and every exit's bills.
 
 Both ends of a link meter the same bytes at the same prices, so what one
-says it owes the other is what the other says it is owed; what one paid is
-what the other received; and what is left owing, netted both ways, stays
-under the pay threshold (the debtor pays each time it crosses it). The
-report says, per link and for the whole mesh, how far each holds.
+says it owes the other is what the other says it is owed, but for what was
+lost between the two meters: the sender counts a packet as it forwards it
+into the tunnel, the receiver as it forwards it on, and a full queue on the
+way (the tunnel's, the receiving socket's) drops some under load. The
+report tells the two apart: the bytes the payee counted against the bytes
+the payer sent (the loss), and the prices, what the payee charged against
+what the payer owes for the bytes that arrived. What one paid is what the
+other received; and each payer has paid what its own meter says it owes,
+but for less than twice the pay threshold (it pays each time it crosses
+it). The report says, per direction and for the whole mesh, how far each
+holds.
 
 A client and its exit are no neighbors, but the same holds between them:
 both meter the exit tunnel and bill it at the exit's prices, and the client
@@ -30,6 +37,12 @@ from services.common.money import amount
 # meters disagree when they are this far apart, and by more than a tenth of
 # the pay threshold (below it a debt is not even paid yet).
 METER_TOLERANCE = 0.03
+# A TCP download at full speed through a chain of wireguard-go tunnels on two
+# loaded cores loses packets at its bottleneck, between two meters: up to
+# 3.2% per link seen in CI (tests/netns/test_exit.py), which TCP resends.
+# The payer pays for them (its meter counted them); beyond this share a link
+# is broken rather than loaded.
+LOSS_TOLERANCE = 0.1
 # What an exit sent and its client never received (lost on the way, then
 # sent again by TCP) is on the exit's bill only: the client's may be this
 # much below (the exit's own default debt_tolerance), never above.
@@ -67,10 +80,34 @@ class Direction:
     charged: int  # by the payee's meter
     paid: int  # by the payer's pay
     received: int  # by the payee's pay
+    arrived: int | None = None  # the bytes the payee counted from the payer (its rx)
+
+    @property
+    def lost(self) -> int:
+        """Bytes the payer's meter counted and the payee's never saw."""
+        return 0 if self.arrived is None else self.bytes - self.arrived
+
+    @property
+    def loss(self) -> float:
+        return self.lost / max(self.bytes, 1)
+
+    @property
+    def owed_for_arrived(self) -> int:
+        """What the payer owes for the bytes that arrived, at its own prices."""
+        if self.arrived is None or not self.bytes:
+            return self.owed
+        return self.owed * self.arrived // self.bytes
 
     @property
     def metered_off(self) -> float:
-        return abs(self.owed - self.charged) / max(self.owed, self.charged, 1)
+        """How far the two meters' prices are apart, over the same bytes."""
+        expected = self.owed_for_arrived
+        return abs(expected - self.charged) / max(expected, self.charged, 1)
+
+    @property
+    def unpaid(self) -> int:
+        """What the payer's meter says it owes and it has not paid."""
+        return self.owed - self.paid
 
 
 @dataclass(frozen=True)
@@ -86,9 +123,6 @@ class ExitBill:
 class Report:
     directions: list[Direction] = field(default_factory=list)
     exit_directions: list[Direction] = field(default_factory=list)
-    # Per link, what is left owing after netting both ways (positive: the
-    # first name owes the second), by the first one's meter.
-    outstanding: dict[tuple[str, str], int] = field(default_factory=dict)
     margins: dict[str, int] = field(default_factory=dict)  # earned - spent, per router
     problems: list[str] = field(default_factory=list)
 
@@ -102,22 +136,47 @@ class Report:
             self.problems.append(f"{name}: paid {direction.paid:,} but {direction.payee} "
                                  f"received {direction.received:,}")
 
+    def check_direction(self, d: Direction, pay_threshold: int) -> None:
+        """Both meters of one direction agree, but for what was lost between
+        them, and the payer paid what its own meter says."""
+        name = f"{d.payer}->{d.payee}"
+        noise = pay_threshold // 10  # below it a debt is not even paid yet
+        if d.metered_off > METER_TOLERANCE and abs(d.owed_for_arrived - d.charged) > noise:
+            self.problems.append(
+                f"{name}: meters price the same bytes {d.metered_off:.1%} apart (owes "
+                f"{d.owed_for_arrived:,} for the {d.arrived:,} B that arrived, charged "
+                f"{d.charged:,})")
+        if d.loss > LOSS_TOLERANCE and d.owed - d.owed_for_arrived > noise:
+            self.problems.append(f"{name}: {d.lost:,} B ({d.loss:.1%}) sent that {d.payee} "
+                                 f"never counted, over {LOSS_TOLERANCE:.0%}")
+        if d.loss < -METER_TOLERANCE and d.owed_for_arrived - d.owed > noise:
+            self.problems.append(f"{name}: {d.payee} counted {-d.lost:,} B more than "
+                                 f"{d.payer} sent ({-d.loss:.1%})")
+        self.check_paid(d, name)
+        if d.unpaid > 2 * pay_threshold:
+            self.problems.append(f"{name}: {d.unpaid:+,} wei left unpaid, over twice the pay "
+                                 f"threshold {pay_threshold:,}")
+
     def lines(self) -> list[str]:
         total_owed = sum(d.owed for d in self.directions)
         total_charged = sum(d.charged for d in self.directions)
         total_paid = sum(d.paid for d in self.directions)
         total_bytes = sum(d.bytes for d in self.directions)
+        total_lost = sum(d.lost for d in self.directions)
         off = abs(total_owed - total_charged) / max(total_owed, total_charged, 1)
-        out = [f"settlement: {total_bytes:,} bytes metered over {len(self.outstanding)} links; "
-               f"{total_owed:,} wei owed by the payers' meters, {total_charged:,} by the "
-               f"payees' (off by {off:.2%}); {total_paid:,} wei paid"]
+        links = {frozenset((d.payer, d.payee)) for d in self.directions}
+        out = [f"settlement: {total_bytes:,} bytes metered over {len(links)} links, "
+               f"{total_lost:,} lost between the meters; {total_owed:,} wei owed by the "
+               f"payers' meters, {total_charged:,} by the payees' (off by {off:.2%}); "
+               f"{total_paid:,} wei paid"]
         for d in self.directions:
             if d.owed or d.charged or d.paid:
-                out.append(f"  {d.payer}->{d.payee}: {d.bytes:,} B, owes {d.owed:,} / charged "
-                           f"{d.charged:,} ({d.metered_off:.2%} apart), paid {d.paid:,} / "
-                           f"received {d.received:,}")
-        left = ", ".join(f"{a}-{b} {v:+,}" for (a, b), v in sorted(self.outstanding.items()))
-        out.append(f"  left owing after netting: {left or 'nothing'}")
+                out.append(f"  {d.payer}->{d.payee}: {d.bytes:,} B ({d.loss:.2%} lost), owes "
+                           f"{d.owed:,} / charged {d.charged:,} (prices {d.metered_off:.2%} "
+                           f"apart), paid {d.paid:,} / received {d.received:,}")
+        left = ", ".join(f"{d.payer}->{d.payee} {d.unpaid:+,}" for d in self.directions
+                         if d.unpaid)
+        out.append(f"  left unpaid by the payers' meters: {left or 'nothing'}")
         for d in self.exit_directions:
             out.append(f"  {d.payer}->{d.payee} (exit): {d.bytes:,} B, owes {d.owed:,} / "
                        f"charged {d.charged:,} ({d.metered_off:.2%} apart), paid {d.paid:,} "
@@ -147,20 +206,9 @@ def reconcile(ledgers: Mapping[str, Mapping[str, Ledger]], pay_threshold: int,
                 report.problems.append(f"{payee} has no ledger for {payer}")
                 continue
             direction = Direction(payer, payee, mine.tx_bytes, mine.owed, other.charged,
-                                  mine.sent, other.received)
+                                  mine.sent, other.received, other.rx_bytes)
             report.directions.append(direction)
-            if (direction.metered_off > METER_TOLERANCE
-                    and abs(direction.owed - direction.charged) > pay_threshold // 10):
-                report.problems.append(
-                    f"{payer}->{payee}: meters {direction.metered_off:.1%} apart "
-                    f"(owes {mine.owed:,}, charged {other.charged:,})")
-            report.check_paid(direction, f"{payer}->{payee}")
-            if payer < payee:
-                net = (mine.owed - mine.sent) - (mine.charged - mine.received)
-                report.outstanding[(payer, payee)] = net
-                if abs(net) > 2 * pay_threshold:
-                    report.problems.append(f"{payer}-{payee}: {net:+,} wei left owing, over "
-                                           f"twice the pay threshold {pay_threshold:,}")
+            report.check_direction(direction, pay_threshold)
         report.margins[payer] = sum(lg.charged - lg.owed for lg in theirs.values())
     for (payer, payee), (mine, theirs_) in sorted((exit_bills or {}).items()):
         direction = Direction(payer, payee, mine.bytes, mine.charged, theirs_.charged,

@@ -8,16 +8,18 @@ THRESHOLD = 10**11
 
 
 def mesh(owed: int = 10**12, charged: int = 10**12, paid: int = 95 * 10**10,
-         received: int = 95 * 10**10) -> dict[str, dict[str, Ledger]]:
+         received: int = 95 * 10**10, arrived: int = 10**6) -> dict[str, dict[str, Ledger]]:
     """a pays b for 1 MB at 10^6 wei/B; b pays nothing back."""
     return {"a": {"b": Ledger(tx_bytes=10**6, owed=owed, sent=paid)},
-            "b": {"a": Ledger(rx_bytes=10**6, charged=charged, received=received)}}
+            "b": {"a": Ledger(rx_bytes=arrived, charged=charged, received=received)}}
 
 
 def test_agreeing_meters_and_payments_reconcile() -> None:
     report = reconcile(mesh(), THRESHOLD)
     assert report.ok, report.problems
-    assert report.outstanding == {("a", "b"): 5 * 10**10}
+    [direction] = [d for d in report.directions if d.payer == "a"]
+    assert (direction.unpaid, direction.lost) == (5 * 10**10, 0)
+    assert "  left unpaid by the payers' meters: a->b +50,000,000,000" in report.lines()
     assert report.margins == {"a": -10**12, "b": 10**12}
     assert report.lines()[-1] == "settlement: reconciled"
 
@@ -25,7 +27,35 @@ def test_agreeing_meters_and_payments_reconcile() -> None:
 def test_meters_far_apart_do_not() -> None:
     report = reconcile(mesh(charged=9 * 10**11), THRESHOLD)
     assert not report.ok
-    assert "meters 10.0% apart" in report.problems[0]
+    assert "meters price the same bytes 10.0% apart" in report.problems[0]
+
+
+def test_bytes_lost_between_the_meters_are_loss_not_a_price_disagreement() -> None:
+    # 5% of what a sent never reached b's meter: b charged the rest at the
+    # same price, and a paid for all it sent.
+    report = reconcile(mesh(charged=95 * 10**10, arrived=95 * 10**4, paid=10**12,
+                            received=10**12), THRESHOLD)
+    assert report.ok, report.problems
+    assert report.directions[0].lost == 5 * 10**4
+    assert "  a->b: 1,000,000 B (5.00% lost), owes 1,000,000,000,000 / charged " \
+           "950,000,000,000 (prices 0.00% apart), paid 1,000,000,000,000 / received " \
+           "1,000,000,000,000" in report.lines()
+    # The arrived bytes priced 10% apart are still a disagreement.
+    report = reconcile(mesh(charged=85 * 10**10, arrived=95 * 10**4, paid=10**12,
+                            received=10**12), THRESHOLD)
+    assert any("prices" not in p and "10.5% apart" in p for p in report.problems), report.problems
+
+
+def test_a_link_that_loses_more_than_a_tenth_does_not() -> None:
+    report = reconcile(mesh(charged=8 * 10**11, arrived=8 * 10**5, paid=10**12,
+                            received=10**12), THRESHOLD)
+    assert report.problems == ["a->b: 200,000 B (20.0%) sent that b never counted, over 10%"]
+
+
+def test_a_payee_that_counts_more_than_was_sent_does_not() -> None:
+    report = reconcile(mesh(charged=11 * 10**11, arrived=11 * 10**5, paid=10**12,
+                            received=10**12), THRESHOLD)
+    assert report.problems == ["a->b: b counted 100,000 B more than a sent (10.0%)"]
 
 
 def test_a_small_absolute_difference_is_noise() -> None:
@@ -41,7 +71,8 @@ def test_a_payment_lost_between_payer_and_payee_does_not() -> None:
 
 def test_a_debt_left_unpaid_does_not() -> None:
     report = reconcile(mesh(paid=0, received=0), THRESHOLD)
-    assert any("left owing" in p for p in report.problems)
+    assert report.problems == ["a->b: +1,000,000,000,000 wei left unpaid, over twice the "
+                               "pay threshold 100,000,000,000"]
     assert "NOT reconciled" in report.lines()[-1]
 
 
