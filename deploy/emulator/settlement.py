@@ -141,7 +141,10 @@ class Report:
         them, and the payer paid what its own meter says."""
         name = f"{d.payer}->{d.payee}"
         noise = pay_threshold // 10  # below it a debt is not even paid yet
-        if d.metered_off > METER_TOLERANCE and abs(d.owed_for_arrived - d.charged) > noise:
+        # The lost bytes are priced at the direction's average: those of a
+        # dearer or cheaper destination shift the estimate by up to their share.
+        if (d.metered_off > METER_TOLERANCE + max(d.loss, 0)
+                and abs(d.owed_for_arrived - d.charged) > noise):
             self.problems.append(
                 f"{name}: meters price the same bytes {d.metered_off:.1%} apart (owes "
                 f"{d.owed_for_arrived:,} for the {d.arrived:,} B that arrived, charged "
