@@ -893,23 +893,88 @@ int meshbpf_delete(struct meshbpf *b, const char *name)
 	return rc ? rc : (int)d.n;
 }
 
-int meshbpf_prefix(struct meshbpf *b, int family, const unsigned char *addr, uint32_t len,
-		   int add)
+static int prefix_wanted(const struct meshbpf_prefix *wanted, size_t n, uint32_t family,
+			 const struct lpm_key *key)
 {
-	struct lpm_key key = { .prefixlen = len };
-	struct prefix value = { .len = len };
-	size_t size = family == 6 ? 16 : 4;
-	union bpf_attr a;
+	size_t i;
 
-	if ((family != 6 && family != 4) || len > 8 * size)
-		return -EINVAL;
-	memcpy(key.addr, addr, size);
-	memcpy(value.addr, addr, size);
-	memset(&a, 0, sizeof(a));
-	a.map_fd = (uint32_t)(family == 6 ? b->lpm6 : b->lpm4);
-	a.key = (uintptr_t)&key;
-	a.value = (uintptr_t)&value;
-	if (add)
-		return sys_bpf(BPF_MAP_UPDATE_ELEM, &a) < 0 ? -errno : 0;
-	return sys_bpf(BPF_MAP_DELETE_ELEM, &a) < 0 && errno != ENOENT ? -errno : 0;
+	for (i = 0; i < n; i++)
+		if (wanted[i].family == family && wanted[i].len == key->prefixlen &&
+		    !memcmp(wanted[i].addr, key->addr, family == 6 ? 16 : 4))
+			return 1;
+	return 0;
+}
+
+/* Deletes what the trie of `family` holds beyond `wanted`. */
+static int prefixes_prune(struct meshbpf *b, uint32_t family, const struct meshbpf_prefix *wanted,
+			  size_t n)
+{
+	struct lpm_key *keys = NULL, *bigger;
+	size_t n_keys = 0, cap = 0, i;
+	union bpf_attr a;
+	int rc = 0;
+
+	for (;;) {
+		if (n_keys == cap) {
+			cap = cap ? 2 * cap : 256;
+			bigger = realloc(keys, cap * sizeof(*keys));
+			if (!bigger) {
+				rc = -ENOMEM;
+				break;
+			}
+			keys = bigger;
+		}
+		memset(&keys[n_keys], 0, sizeof(*keys));
+		memset(&a, 0, sizeof(a));
+		a.map_fd = (uint32_t)(family == 6 ? b->lpm6 : b->lpm4);
+		a.key = n_keys ? (uintptr_t)&keys[n_keys - 1] : 0;
+		a.next_key = (uintptr_t)&keys[n_keys];
+		if (sys_bpf(BPF_MAP_GET_NEXT_KEY, &a) < 0) {
+			rc = errno == ENOENT ? 0 : -errno;
+			break;
+		}
+		n_keys++;
+	}
+	for (i = 0; !rc && i < n_keys; i++) {
+		if (prefix_wanted(wanted, n, family, &keys[i]))
+			continue;
+		memset(&a, 0, sizeof(a));
+		a.map_fd = (uint32_t)(family == 6 ? b->lpm6 : b->lpm4);
+		a.key = (uintptr_t)&keys[i];
+		if (sys_bpf(BPF_MAP_DELETE_ELEM, &a) < 0 && errno != ENOENT)
+			rc = -errno;
+	}
+	free(keys);
+	return rc;
+}
+
+int meshbpf_prefixes(struct meshbpf *b, const struct meshbpf_prefix *wanted, size_t n)
+{
+	struct lpm_key key;
+	struct prefix value;
+	union bpf_attr a;
+	size_t i;
+	int rc;
+
+	for (i = 0; i < n; i++)
+		if ((wanted[i].family != 6 && wanted[i].family != 4) ||
+		    wanted[i].len > (wanted[i].family == 6 ? 128u : 32u))
+			return -EINVAL;
+	rc = prefixes_prune(b, 6, wanted, n);
+	if (!rc)
+		rc = prefixes_prune(b, 4, wanted, n);
+	for (i = 0; !rc && i < n; i++) {
+		memset(&key, 0, sizeof(key));
+		memset(&value, 0, sizeof(value));
+		key.prefixlen = value.len = wanted[i].len;
+		memcpy(key.addr, wanted[i].addr, 16);
+		memcpy(value.addr, wanted[i].addr, 16);
+		memset(&a, 0, sizeof(a));
+		a.map_fd = (uint32_t)(wanted[i].family == 6 ? b->lpm6 : b->lpm4);
+		a.key = (uintptr_t)&key;
+		a.value = (uintptr_t)&value;
+		if (sys_bpf(BPF_MAP_UPDATE_ELEM, &a) < 0)
+			rc = -errno;
+	}
+	return rc;
 }

@@ -66,8 +66,14 @@ int meshbpf_read(const struct meshbpf *b,
 /* Deletes the counters of interface `name` (in or out), or with name NULL
  * those whose prefix is no longer configured. The count, or -errno. */
 int meshbpf_delete(struct meshbpf *b, const char *name);
-/* Adds (add != 0) or removes a destination prefix. 0 or -errno. */
-int meshbpf_prefix(struct meshbpf *b, int family, const unsigned char *addr, uint32_t len,
-		   int add);
+/* A destination prefix: the network address (IPv4 in the first 4 bytes). */
+struct meshbpf_prefix {
+	uint32_t family, len;
+	unsigned char addr[16];
+};
+
+/* Makes the tries hold exactly these prefixes (those that stay are never
+ * absent meanwhile). 0 or -errno. */
+int meshbpf_prefixes(struct meshbpf *b, const struct meshbpf_prefix *wanted, size_t n);
 
 #endif

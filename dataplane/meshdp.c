@@ -835,12 +835,12 @@ int meshdp_bpf_sweep(struct meshdp_ctx *ctx, int force)
 	return rc ? rc : meshbpf_sweep(&ctx->bpf, force);
 }
 
-int meshdp_bpf_prefix(struct meshdp_ctx *ctx, int family, const unsigned char *addr,
-		      unsigned int len, int add)
+int meshdp_bpf_prefixes(struct meshdp_ctx *ctx, const struct meshbpf_prefix *wanted,
+			unsigned int n)
 {
 	int rc = bpf_ready(ctx);
 
-	return rc ? rc : meshbpf_prefix(&ctx->bpf, family, addr, len, add);
+	return rc ? rc : meshbpf_prefixes(&ctx->bpf, wanted, n);
 }
 
 /* Deletes an interface's counters, or (name NULL) those of removed

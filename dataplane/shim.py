@@ -20,6 +20,7 @@ import errno
 import json as jsonlib
 import os
 import re
+import struct
 import threading
 import weakref
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ NETNS_DIR = Path("/run/netns")  # where `ip netns add` puts named namespaces
 NFT_CTX_OUTPUT_JSON = 1 << 4  # libnftables.h
 BPF_LOG_LEN = 1 << 16  # the verifier's log, on a program it refuses
 USAGE_DUMP_TRIES = 10  # each retry means another transaction committed meanwhile
+_PREFIX = struct.Struct("=2I16s")  # struct meshbpf_prefix
 
 # libnftables keeps process-wide state (its interface cache), so calls through
 # different contexts must not overlap either: one lock for all of them.
@@ -94,11 +96,10 @@ def _library() -> ctypes.CDLL:
     lib.meshdp_bpf_open.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p,
                                     ctypes.c_size_t]
     lib.meshdp_bpf_sweep.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    lib.meshdp_bpf_prefix.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p,
-                                      ctypes.c_uint, ctypes.c_int]
+    lib.meshdp_bpf_prefixes.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint]
     lib.meshdp_bpf_delete.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     lib.meshdp_bpf_usage_fd.argtypes = [ctypes.c_void_p]
-    for call in ("open", "sweep", "prefix", "delete", "usage_fd"):
+    for call in ("open", "sweep", "prefixes", "delete", "usage_fd"):
         getattr(lib, f"meshdp_bpf_{call}").restype = ctypes.c_int
     return lib
 
@@ -186,9 +187,12 @@ class Nft:
         """Attach the counting program to interfaces new since the last sweep (or all)."""
         self._bpf("sweep", int(force))
 
-    def bpf_prefix(self, version: int, address: bytes, length: int, add: bool) -> None:
-        """Count forwarded traffic to this prefix under it (add) or no longer."""
-        self._bpf("prefix", version, address, length, int(add))
+    def bpf_prefixes(self, prefixes: Sequence[tuple[int, bytes, int]]) -> None:
+        """Count forwarded traffic by exactly these (IP version, network address,
+        length); a prefix that stays is never missing meanwhile."""
+        packed = b"".join(_PREFIX.pack(version, length, address)
+                          for version, address, length in prefixes)
+        self._bpf("prefixes", packed, len(prefixes))
 
     def bpf_delete(self, interface: str | None) -> int:
         """Delete an interface's forwarded counters, or (None) those of removed
