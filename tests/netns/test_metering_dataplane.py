@@ -423,6 +423,100 @@ def test_forget_deletes_a_neighbors_counters(router: Router) -> None:
     assert router.counters.forget("v-a") == 0
 
 
+# -- (a') the eBPF program counts what nft's forward hook would ---------------------
+
+
+NFT_CHECK = """\
+table inet fwd_check {
+\tchain check {
+\t\ttype filter hook forward priority filter + 10; policy accept;
+\t\tiifname "v-a" oifname "v-b" counter
+\t}
+}
+"""
+
+
+def nft_forwarded(line: Line) -> tuple[int, int]:
+    """Packets and bytes the check chain counted a -> b (where nft used to meter)."""
+    with Nft(netns=line.r) as nft:
+        (rule,) = [o["rule"] for o in nft.json("list chain inet fwd_check check") if "rule" in o]
+    (counter,) = [e["counter"] for e in rule["expr"] if "counter" in e]
+    return counter["packets"], counter["bytes"]
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("args", [("-u", "-l", "1200", "-n", "600000", "-b", "50M"),
+                                  ("-t", "2", "-b", "300M")], ids=["udp", "tcp"])
+def test_the_program_counts_what_the_forward_hook_sees(router: Router,
+                                                       args: tuple[str, ...]) -> None:
+    """The same packets and bytes as an nft counter at the old metering
+    chain's place (forward, after policy and enforcement), GSO packets too."""
+    line = router.line
+    with Nft(netns=line.r) as nft:
+        nft.run(NFT_CHECK)
+        try:
+            before = router.counters.snapshot()
+            iperf3(line, B6, *args)
+            wait_for("the check chain and the program agree", lambda: (
+                (router.counters.snapshot().usage("v-a", B_NET6)
+                 - before.usage("v-a", B_NET6))[:2] == nft_forwarded(line)),
+                timeout=10, explain=lambda: f"nft {nft_forwarded(line)}, program "
+                f"{router.counters.snapshot().usage('v-a', B_NET6) - before.usage('v-a', B_NET6)}")
+        finally:
+            nft.run("delete table inet fwd_check")
+
+
+TUN_READER = """\
+import fcntl, json, os, select, struct, sys
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, 0x400454ca, struct.pack("16sH", sys.argv[1].encode(), 0x0001 | 0x1000))
+print("ready", flush=True)
+lengths = []
+while len(lengths) < int(sys.argv[2]) and select.select([fd], [], [], 10)[0]:
+    packet = os.read(fd, 65536)
+    if packet[0] >> 4 == 6 and packet[24:32] == bytes.fromhex(sys.argv[3]):
+        lengths.append(len(packet))
+print(json.dumps(lengths), flush=True)
+"""
+TUN_NET6, TUN_DST6 = "2001:db8:77::/64", "2001:db8:77::1"
+
+
+@pytest.mark.netns
+def test_a_new_l3_interface_is_counted_and_keeps_its_name_when_gone(router: Router) -> None:
+    """A tun device (no link header, like wireguard-go's tunnels) made after
+    the counters were installed: attached on demand, counted in IP bytes as
+    its reader gets them, and still named once it is deleted."""
+    line = router.line
+    ip("-n", line.r, "tuntap", "add", "dev", "tn-x", "mode", "tun")
+    try:
+        router.counters.set_destinations([*DESTINATIONS, TUN_NET6])
+        router.counters.attach_new()
+        reader = subprocess.Popen(
+            ["ip", "netns", "exec", line.r, sys.executable, "-c", TUN_READER, "tn-x", "20",
+             socket.inet_pton(socket.AF_INET6, TUN_DST6)[:8].hex()],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert reader.stdout is not None
+            assert reader.stdout.readline().strip() == "ready"
+            ip("-n", line.r, "link", "set", "tn-x", "up")
+            ip("-n", line.r, "route", "add", TUN_NET6, "dev", "tn-x")
+            ip("-n", line.a, "route", "add", TUN_NET6, "via", R_A6)
+            send_udp(line.a, TUN_DST6, count=20, size=300)
+            lengths = json.loads(reader.stdout.readline())
+        finally:
+            reader.kill()
+            reader.wait()
+        assert lengths == [300 + 8 + 40] * 20
+        usage = router.counters.snapshot().usage("tn-x", TUN_NET6)
+        assert (usage.tx_packets, usage.tx_bytes) == (20, sum(lengths))
+    finally:
+        ip("-n", line.r, "link", "del", "tn-x")
+        subprocess.run(["ip", "-n", line.a, "route", "del", TUN_NET6], capture_output=True)
+    gone = router.counters.snapshot()
+    assert gone.usage("tn-x", TUN_NET6) == usage
+    assert gone.usage("v-a", TUN_NET6).rx_bytes == sum(lengths)
+
+
 # -- (b) enforcement ------------------------------------------------------------------
 
 
