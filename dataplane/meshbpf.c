@@ -51,10 +51,10 @@
 
 /* Our filters' name; a state of another layout is not ours (a new one is
  * made, under a new epoch). */
-#define TAG "meshdp-usage-2"
+#define TAG "meshdp-usage-3"
 #define PRIO 0x6d64		/* our filters' priority on every egress hook */
 #define LOOPBACK 1		/* lo's ifindex in every namespace */
-#define SLOTS (1u << 17)	/* counter elements (6 MiB, allocated up front) */
+#define SLOTS (1u << 17)	/* counter elements (8 MiB, allocated up front) */
 #define PREFIXES_MAX 65536
 #define NAMES_MAX 65536
 #define RECV_LEN 65536

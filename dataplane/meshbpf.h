@@ -25,10 +25,12 @@ struct meshbpf_value {
 
 /* An element of the counters array (mmapped): the key is valid once its
  * family is set. Element 0 is the header: its packets are the next free
- * element. */
+ * element. A cache line each, so that two CPUs counting two flows (a
+ * transfer and its acks) do not fight over one line. */
 struct meshbpf_slot {
 	struct meshbpf_key key;
 	struct meshbpf_value value;
+	unsigned char pad[16];
 };
 
 struct meshbpf_link {
