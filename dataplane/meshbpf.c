@@ -12,7 +12,10 @@
  * values are the configured prefix itself, so a counter's key carries the
  * prefix as nft's usage keys do; a miss counts under length 255 ("other").
  *
- * Counters are keyed (arrival ifindex, departure ifindex, prefix). They live
+ * Counters are keyed (arrival interface, departure interface, prefix), an
+ * interface by the id of its name (an array ifindex -> id, which each sweep
+ * of the interfaces keeps up to date): a tunnel made anew under its name
+ * counts on in the same elements, as nft's name keys did. They live
  * in an mmappable array, each element with its key, so a snapshot is a read
  * of memory: BPF_MAP_LOOKUP_BATCH of a hash costs ~0.35 us per element here
  * (18-23 ms for 50,050), too close to the 20 ms a snapshot may take. A hash
@@ -26,7 +29,7 @@
  * the maps. The one on lo (always ifindex 1, never deleted) anchors the
  * state for the namespace's lifetime; a new process finds it there (filter
  * dump -> program id -> its map ids), and loads its own programs over the
- * same maps. The names map remembers each ifindex's name, so a gone
+ * same maps. The names map (id -> name) outlives the interfaces, so a gone
  * interface's counts keep their name.
  */
 #define _GNU_SOURCE
@@ -51,12 +54,13 @@
 
 /* Our filters' name; a state of another layout is not ours (a new one is
  * made, under a new epoch). */
-#define TAG "meshdp-usage-3"
+#define TAG "meshdp-usage-4"
 #define PRIO 0x6d64		/* our filters' priority on every egress hook */
 #define LOOPBACK 1		/* lo's ifindex in every namespace */
 #define SLOTS (1u << 17)	/* counter elements (8 MiB, allocated up front) */
 #define PREFIXES_MAX 65536
 #define NAMES_MAX 65536
+#define IFIDS 65536		/* ifindexes below this have a name id (others: raw) */
 #define RECV_LEN 65536
 #define OTHER_LEN 255
 
@@ -114,7 +118,8 @@ static int map_create(uint32_t type, uint32_t key, uint32_t value, uint32_t max,
 #define EXIT INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0)
 #define CTX(field) ((int16_t)offsetof(struct __sk_buff, field))
 
-enum { L_V6, L_LOOKUP, L_COUNT, L_SLOT, L_ADD, L_NEW, L_RACE, L_OUT, N_LABELS };
+enum { L_IN_RAW, L_IN_DONE, L_OUT_RAW, L_OUT_DONE, L_V6, L_LOOKUP, L_COUNT, L_SLOT, L_ADD,
+       L_NEW, L_RACE, L_OUT, N_LABELS };
 
 struct program {
 	struct bpf_insn insn[160];
@@ -146,6 +151,26 @@ static void load_map(struct program *p, int reg, int fd)
 	emit(p, INSN(0, 0, 0, 0, 0));
 }
 
+/* Stores the interface id of the ifindex in r2 at fp+off (uses r8). */
+static void interface_id(struct program *p, const struct meshbpf *b, int off, int raw, int done)
+{
+	emit(p, MOV_REG(BPF_REG_8, BPF_REG_2));
+	emit(p, STX(BPF_W, BPF_REG_10, BPF_REG_2, -40));
+	load_map(p, BPF_REG_1, b->ifids);
+	emit(p, MOV_REG(BPF_REG_2, BPF_REG_10));
+	emit(p, ADD_IMM(BPF_REG_2, -40));
+	emit(p, CALL(BPF_FUNC_map_lookup_elem));
+	jump(p, JEQ(BPF_REG_0, 0), raw);
+	emit(p, LDX(BPF_W, BPF_REG_1, BPF_REG_0, 0));
+	jump(p, JEQ(BPF_REG_1, 0), raw);
+	emit(p, STX(BPF_W, BPF_REG_10, BPF_REG_1, off));
+	jump(p, JA, done);
+	place(p, raw); /* not named yet: its ifindex stands in */
+	emit(p, INSN(BPF_ALU | BPF_OR | BPF_K, BPF_REG_8, 0, 0, (int32_t)MESHBPF_RAW));
+	emit(p, STX(BPF_W, BPF_REG_10, BPF_REG_8, off));
+	place(p, done);
+}
+
 /* Puts the element index held at fp-40 in r2 (for a lookup in map fd). */
 static void element_key(struct program *p, int fd)
 {
@@ -168,9 +193,9 @@ static void assemble(struct program *p, const struct meshbpf *b, int hdr)
 	emit(p, MOV_REG(BPF_REG_6, BPF_REG_1));
 	emit(p, LDX(BPF_W, BPF_REG_2, BPF_REG_6, CTX(ingress_ifindex)));
 	jump(p, JEQ(BPF_REG_2, 0), L_OUT); /* our own: nft counts it */
-	emit(p, STX(BPF_W, BPF_REG_10, BPF_REG_2, -32));
+	interface_id(p, b, -32, L_IN_RAW, L_IN_DONE);
 	emit(p, LDX(BPF_W, BPF_REG_2, BPF_REG_6, CTX(ifindex)));
-	emit(p, STX(BPF_W, BPF_REG_10, BPF_REG_2, -28));
+	interface_id(p, b, -28, L_OUT_RAW, L_OUT_DONE);
 	emit(p, LDX(BPF_W, BPF_REG_7, BPF_REG_6, CTX(len)));
 	emit(p, ADD_IMM(BPF_REG_7, -hdr));
 	emit(p, ST(BPF_W, BPF_REG_10, -20, OTHER_LEN));
@@ -490,8 +515,8 @@ static int anchor_prog(struct meshbpf *b, uint32_t *id)
 
 static void close_maps(struct meshbpf *b)
 {
-	int *fds[] = { &b->usage, &b->index, &b->lpm6, &b->lpm4, &b->names, &b->prog_eth,
-		       &b->prog_l3 };
+	int *fds[] = { &b->usage, &b->index, &b->lpm6, &b->lpm4, &b->ifids, &b->names,
+		       &b->prog_eth, &b->prog_l3 };
 	size_t i;
 
 	if (b->slots)
@@ -512,6 +537,7 @@ static int maps_of(struct meshbpf *b, uint32_t id)
 		{ "meshdp_index", &b->index, sizeof(struct meshbpf_key), 4 },
 		{ "meshdp_lpm6", &b->lpm6, 20, sizeof(struct prefix) },
 		{ "meshdp_lpm4", &b->lpm4, 8, sizeof(struct prefix) },
+		{ "meshdp_ifids", &b->ifids, 4, 4 },
 		{ "meshdp_names", &b->names, 4, MESHBPF_NAME_LEN },
 	};
 	struct bpf_prog_info info;
@@ -577,6 +603,7 @@ static int maps_new(struct meshbpf *b)
 			     BPF_F_NO_PREALLOC, "meshdp_lpm6");
 	b->lpm4 = map_create(BPF_MAP_TYPE_LPM_TRIE, 8, sizeof(struct prefix), PREFIXES_MAX,
 			     BPF_F_NO_PREALLOC, "meshdp_lpm4");
+	b->ifids = map_create(BPF_MAP_TYPE_ARRAY, 4, 4, IFIDS, 0, "meshdp_ifids");
 	b->names = map_create(BPF_MAP_TYPE_HASH, 4, MESHBPF_NAME_LEN, NAMES_MAX,
 			      BPF_F_NO_PREALLOC, "meshdp_names");
 	if (b->usage < 0)
@@ -587,13 +614,15 @@ static int maps_new(struct meshbpf *b)
 		return b->lpm6;
 	if (b->lpm4 < 0)
 		return b->lpm4;
+	if (b->ifids < 0)
+		return b->ifids;
 	return b->names < 0 ? b->names : 0;
 }
 
 void meshbpf_init(struct meshbpf *b)
 {
 	memset(b, 0, sizeof(*b));
-	b->rt = b->usage = b->index = b->lpm6 = b->lpm4 = b->names = -1;
+	b->rt = b->usage = b->index = b->lpm6 = b->lpm4 = b->ifids = b->names = -1;
 	b->prog_eth = b->prog_l3 = -1;
 }
 
@@ -603,9 +632,85 @@ void meshbpf_close(struct meshbpf *b)
 	if (b->rt >= 0)
 		close(b->rt);
 	free(b->links);
+	free(b->names_of);
 	b->links = NULL;
-	b->n_links = b->links_cap = 0;
+	b->names_of = NULL;
+	b->n_links = b->links_cap = b->n_names = b->names_cap = 0;
 	b->rt = -1;
+}
+
+static int names_add(struct meshbpf *b, uint32_t id, const char *name)
+{
+	struct meshbpf_name *bigger;
+	size_t cap;
+
+	if (b->n_names == b->names_cap) {
+		cap = b->names_cap ? 2 * b->names_cap : 64;
+		bigger = realloc(b->names_of, cap * sizeof(*bigger));
+		if (!bigger)
+			return -ENOMEM;
+		b->names_of = bigger;
+		b->names_cap = cap;
+	}
+	b->names_of[b->n_names].id = id;
+	memcpy(b->names_of[b->n_names++].name, name, MESHBPF_NAME_LEN);
+	if (!(id & MESHBPF_RAW) && id >= b->next_id)
+		b->next_id = id + 1;
+	return 0;
+}
+
+/* Reads the names map into names_of. */
+static int names_load(struct meshbpf *b)
+{
+	char name[MESHBPF_NAME_LEN];
+	uint32_t key, next;
+	union bpf_attr a;
+	int rc = 0, first = 1;
+
+	while (!rc) {
+		memset(&a, 0, sizeof(a));
+		a.map_fd = (uint32_t)b->names;
+		a.key = first ? 0 : (uintptr_t)&key;
+		a.next_key = (uintptr_t)&next;
+		if (sys_bpf(BPF_MAP_GET_NEXT_KEY, &a) < 0)
+			return errno == ENOENT ? 0 : -errno;
+		first = 0;
+		key = next;
+		memset(&a, 0, sizeof(a));
+		a.map_fd = (uint32_t)b->names;
+		a.key = (uintptr_t)&key;
+		a.value = (uintptr_t)name;
+		if (!sys_bpf(BPF_MAP_LOOKUP_ELEM, &a)) /* else deleted meanwhile */
+			rc = names_add(b, key, name);
+	}
+	return rc;
+}
+
+static int name_record(struct meshbpf *b, uint32_t id, const char *name)
+{
+	union bpf_attr a;
+
+	memset(&a, 0, sizeof(a));
+	a.map_fd = (uint32_t)b->names;
+	a.key = (uintptr_t)&id;
+	a.value = (uintptr_t)name;
+	if (sys_bpf(BPF_MAP_UPDATE_ELEM, &a) < 0)
+		return -errno;
+	return names_add(b, id, name);
+}
+
+/* The id of an interface name, given one on first sight; 0 on failure. */
+static uint32_t name_id(struct meshbpf *b, const char *name)
+{
+	size_t i;
+
+	for (i = 0; i < b->n_names; i++)
+		if (!(b->names_of[i].id & MESHBPF_RAW) &&
+		    !strncmp(b->names_of[i].name, name, MESHBPF_NAME_LEN))
+			return b->names_of[i].id;
+	if (b->next_id & MESHBPF_RAW)
+		return 0;
+	return name_record(b, b->next_id, name) ? 0 : b->next_id - 1;
 }
 
 int meshbpf_open(struct meshbpf *b, int create, char *log, size_t log_len)
@@ -616,6 +721,8 @@ int meshbpf_open(struct meshbpf *b, int create, char *log, size_t log_len)
 
 	close_maps(b);
 	b->n_links = 0; /* attach again, with the programs about to load */
+	b->n_names = 0;
+	b->next_id = 1;
 	if (!create) {
 		rc = anchor_prog(b, &id);
 		if (!rc)
@@ -633,6 +740,8 @@ int meshbpf_open(struct meshbpf *b, int create, char *log, size_t log_len)
 			b->slots[0].value.packets = 1; /* the first free element */
 		}
 	}
+	if (!rc)
+		rc = names_load(b);
 	if (!rc) {
 		b->prog_eth = prog_load(b, ETH_HLEN, "meshdp_eth", log, log_len);
 		rc = b->prog_eth < 0 ? b->prog_eth : 0;
@@ -751,11 +860,14 @@ int meshbpf_sweep(struct meshbpf *b, int force)
 		l = &s.links[i];
 		old = link_of(b, l->ifindex);
 		l->attached = old && old->attached && !force;
-		if (!old || strcmp(old->name, l->name)) { /* remember its name */
+		l->id = old && !strcmp(old->name, l->name) ? old->id : name_id(b, l->name);
+		if (!l->id) {
+			rc = -ENOSPC;
+		} else if (l->ifindex < IFIDS && (!old || old->id != l->id || force)) {
 			memset(&a, 0, sizeof(a));
-			a.map_fd = (uint32_t)b->names;
+			a.map_fd = (uint32_t)b->ifids;
 			a.key = (uintptr_t)&l->ifindex;
-			a.value = (uintptr_t)l->name;
+			a.value = (uintptr_t)&l->id;
 			if (sys_bpf(BPF_MAP_UPDATE_ELEM, &a) < 0)
 				rc = -errno;
 		}
@@ -780,22 +892,21 @@ int meshbpf_sweep(struct meshbpf *b, int force)
 	return 0;
 }
 
-void meshbpf_name(const struct meshbpf *b, uint32_t ifindex, char name[MESHBPF_NAME_LEN])
+void meshbpf_name(struct meshbpf *b, uint32_t id, char name[MESHBPF_NAME_LEN])
 {
-	const struct meshbpf_link *l = link_of(b, ifindex);
-	union bpf_attr a;
+	const struct meshbpf_link *l;
+	size_t i;
 
 	memset(name, 0, MESHBPF_NAME_LEN);
-	if (l) {
+	for (i = 0; i < b->n_names; i++)
+		if (b->names_of[i].id == id) {
+			memcpy(name, b->names_of[i].name, MESHBPF_NAME_LEN);
+			return;
+		}
+	/* Counted before a sweep named it: record its name while it is there. */
+	l = id & MESHBPF_RAW ? link_of(b, id & ~MESHBPF_RAW) : NULL;
+	if (l && !name_record(b, id, l->name))
 		memcpy(name, l->name, MESHBPF_NAME_LEN);
-		return;
-	}
-	memset(&a, 0, sizeof(a));
-	a.map_fd = (uint32_t)b->names;
-	a.key = (uintptr_t)&ifindex;
-	a.value = (uintptr_t)name;
-	if (sys_bpf(BPF_MAP_LOOKUP_ELEM, &a) < 0)
-		memset(name, 0, MESHBPF_NAME_LEN);
 }
 
 /* -- counters and prefixes --------------------------------------------------------- */
@@ -837,7 +948,7 @@ static int lpm_exact(const struct meshbpf *b, const struct meshbpf_key *k)
 }
 
 struct doomed {
-	const struct meshbpf *b;
+	struct meshbpf *b;
 	const char *name;
 	struct meshbpf_slot **slots;
 	size_t n, cap;

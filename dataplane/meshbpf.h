@@ -10,10 +10,13 @@
 #include <stdint.h>
 
 #define MESHBPF_NAME_LEN 16 /* IFNAMSIZ */
+#define MESHBPF_RAW 0x80000000u /* an interface id that is its ifindex | this */
 
-/* One counter: packets that arrived on `in` and left on `out` (ifindexes)
- * for a destination prefix (family 4 or 6; len 255 = no configured prefix,
- * address zero). */
+/* One counter: packets that arrived on `in` and left on `out` for a
+ * destination prefix (family 4 or 6; len 255 = no configured prefix, address
+ * zero). Interfaces are ids of their names (the same name, the same id, as
+ * nft keys by name), or their ifindex | MESHBPF_RAW until a sweep named
+ * them. */
 struct meshbpf_key {
 	uint32_t in, out, family, len;
 	unsigned char addr[16];
@@ -34,19 +37,27 @@ struct meshbpf_slot {
 };
 
 struct meshbpf_link {
-	uint32_t ifindex;
+	uint32_t ifindex, id;
 	int attached;	/* the counting program is on its egress hook */
+	char name[MESHBPF_NAME_LEN];
+};
+
+struct meshbpf_name {
+	uint32_t id;
 	char name[MESHBPF_NAME_LEN];
 };
 
 struct meshbpf {
 	int rt;		/* NETLINK_ROUTE socket in the context's namespace */
 	uint32_t seq;
-	int usage, index, lpm6, lpm4, names;	/* map fds, -1 until opened */
+	int usage, index, lpm6, lpm4, ifids, names;	/* map fds, -1 until opened */
 	int prog_eth, prog_l3;		/* program fds (ethernet / L3 devices) */
 	struct meshbpf_slot *slots;	/* the usage array, mapped; NULL until opened */
 	struct meshbpf_link *links;	/* as of the last sweep */
 	size_t n_links, links_cap;
+	struct meshbpf_name *names_of;	/* the names map's contents */
+	size_t n_names, names_cap;
+	uint32_t next_id;
 };
 
 void meshbpf_init(struct meshbpf *b);
@@ -59,8 +70,9 @@ int meshbpf_open(struct meshbpf *b, int create, char *log, size_t log_len);
 /* Refreshes the interface list; attaches to interfaces not attached yet
  * (force: to all again). 0 or -errno. */
 int meshbpf_sweep(struct meshbpf *b, int force);
-/* The name of an ifindex: live, or as last recorded; "" if unknown. */
-void meshbpf_name(const struct meshbpf *b, uint32_t ifindex, char name[MESHBPF_NAME_LEN]);
+/* The name of an interface id; "" if unknown (a MESHBPF_RAW one gone before
+ * it was named). */
+void meshbpf_name(struct meshbpf *b, uint32_t id, char name[MESHBPF_NAME_LEN]);
 /* Calls each() for every counter; stops at its first non-zero result. */
 int meshbpf_read(const struct meshbpf *b,
 		 int (*each)(void *arg, const struct meshbpf_key *, const struct meshbpf_value *),

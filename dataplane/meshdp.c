@@ -713,27 +713,27 @@ out:
 }
 
 /* Forwarded counters (meshbpf) as records of set n_sets; interfaces by name. */
-#define FAST_IFINDEX 4096 /* ifindexes below this have their name index cached */
+#define FAST_IDS 4096 /* interface ids below this have their name index cached */
 
 struct forwarded {
 	struct usage_dump *d;
-	const struct meshbpf *bpf;
-	int64_t index[FAST_IFINDEX]; /* name index + 1 by ifindex, 0 = not yet */
+	struct meshbpf *bpf;
+	int64_t index[FAST_IDS]; /* name index + 1 by interface id, 0 = not yet */
 };
 
-static int64_t ifindex_name(struct forwarded *f, uint32_t ifindex)
+static int64_t interface_name(struct forwarded *f, uint32_t id)
 {
 	char name[NAME_LEN];
 	int64_t i;
 
-	if (ifindex < FAST_IFINDEX && f->index[ifindex])
-		return f->index[ifindex] - 1;
-	meshbpf_name(f->bpf, ifindex, name);
+	if (id < FAST_IDS && f->index[id])
+		return f->index[id] - 1;
+	meshbpf_name(f->bpf, id, name);
 	if (!name[0]) /* gone before its name was ever seen */
-		snprintf(name, NAME_LEN, "#%u", ifindex);
+		snprintf(name, NAME_LEN, "#%u", id & ~MESHBPF_RAW);
 	i = name_index(f->d, name);
-	if (i >= 0 && ifindex < FAST_IFINDEX)
-		f->index[ifindex] = i + 1;
+	if (i >= 0 && id < FAST_IDS)
+		f->index[id] = i + 1;
 	return i;
 }
 
@@ -744,8 +744,8 @@ static int forwarded_rec(void *arg, const struct meshbpf_key *k, const struct me
 	int64_t in, out;
 	size_t size = k->family == 6 ? 16 : 4;
 
-	in = ifindex_name(f, k->in);
-	out = in < 0 ? in : ifindex_name(f, k->out);
+	in = interface_name(f, k->in);
+	out = in < 0 ? in : interface_name(f, k->out);
 	if (out < 0)
 		return (int)out;
 	if (grow((void **)&f->d->recs, &f->d->recs_cap, f->d->n_recs + 1, sizeof(*r)))

@@ -59,6 +59,7 @@ from tests.netns.test_metering_dataplane import B6, B_NET6, SPEC, Line, a_r_b, i
 BASELINE = "mesh_meter_nft"  # the nftables path's sets, loaded for comparison
 SLOT = struct.Struct("=4I16s2Q16x")  # struct meshbpf_slot (dataplane/meshbpf.h)
 SLOTS = 1 << 17  # meshbpf.c: SLOTS
+RAW = 0x80000000  # meshbpf.h: MESHBPF_RAW
 
 Key = tuple[int, str, int]  # IP version, network address, prefix length
 
@@ -87,16 +88,19 @@ def counter_keys(prefixes: list[str]) -> list[Key]:
 def fill_program(nft: Nft, ifindexes: dict[str, int], neighbors: list[str],
                  keys: list[Key]) -> int:
     """Every neighbor's counters as the program would have made them (written
-    before any traffic: the program allocates elements too). How many."""
+    before any traffic: the program allocates elements too). How many.
+
+    Interfaces by ifindex | MESHBPF_RAW (as the program keys one no sweep has
+    named yet): the first snapshot names them."""
     with mmap.mmap(nft.bpf_usage_fd(), SLOTS * SLOT.size) as slots:
         (start,) = struct.unpack_from("=Q", slots, 32)
         at = start
         for i, (version, address, length) in enumerate(keys):
-            out = ifindexes[neighbors[i % len(neighbors)]]  # the route to this destination
+            out = ifindexes[neighbors[i % len(neighbors)]] | RAW  # the route to it
             packed = ipaddress.ip_address(address).packed
             for inside in neighbors:
-                SLOT.pack_into(slots, at * SLOT.size, ifindexes[inside], out, version, length,
-                               packed, 1000, 1_000_000)
+                SLOT.pack_into(slots, at * SLOT.size, ifindexes[inside] | RAW, out, version,
+                               length, packed, 1000, 1_000_000)
                 at += 1
         struct.pack_into("=Q", slots, 32, at)
     return at - start

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns
 
-from dataplane.counters import OTHER, Counters, Snapshot, Usage
+from dataplane.counters import FORWARDED, OTHER, Counters, Snapshot, Usage
 from dataplane.enforcement import Enforcer, Mode, limit_name
 from dataplane.policy import ForwardingPolicy, PolicySpec
 from dataplane.shim import Nft
@@ -515,6 +515,35 @@ def test_a_new_l3_interface_is_counted_and_keeps_its_name_when_gone(router: Rout
     gone = router.counters.snapshot()
     assert gone.usage("tn-x", TUN_NET6) == usage
     assert gone.usage("v-a", TUN_NET6).rx_bytes == sum(lengths)
+
+
+@pytest.mark.netns
+def test_an_interface_made_again_under_its_name_counts_on_in_the_same_counter(
+        router: Router) -> None:
+    """Counters are keyed by interface name, as nft's were: a tunnel made
+    anew (a new ifindex) adds to its old counts. (A tun device with no
+    reader drops what it is given, after the egress hook counted it.)"""
+    line, prefix, dst = router.line, "2001:db8:78::/64", "2001:db8:78::1"
+    router.counters.set_destinations([*DESTINATIONS, prefix])
+    ip("-n", line.a, "route", "add", prefix, "via", R_A6)
+    try:
+        for _ in range(2):
+            ip("-n", line.r, "tuntap", "add", "dev", "tn-y", "mode", "tun")
+            ip("-n", line.r, "link", "set", "tn-y", "up")
+            ip("-n", line.r, "route", "add", prefix, "dev", "tn-y")
+            router.counters.attach_new()
+            before = router.counters.snapshot().usage("tn-y", prefix).tx_packets
+            send_udp(line.a, dst, count=5, size=100)
+            wait_for("5 more out of tn-y", lambda b=before: router.counters.snapshot().usage(
+                "tn-y", prefix).tx_packets == b + 5)
+            ip("-n", line.r, "link", "del", "tn-y")
+    finally:
+        subprocess.run(["ip", "-n", line.r, "link", "del", "tn-y"], capture_output=True)
+        subprocess.run(["ip", "-n", line.a, "route", "del", prefix], capture_output=True)
+    snap = router.counters.snapshot()
+    assert snap.usage("tn-y", prefix).tx_bytes == 10 * (100 + 8 + 40)
+    assert [(k.inside, k.outside, k.set_name) for k in snap.elements("tn-y")
+            if k.destination == prefix] == [("v-a", "tn-y", FORWARDED)]
 
 
 # -- (b) enforcement ------------------------------------------------------------------
