@@ -465,7 +465,9 @@ class Counters:
         shard, and of the forwarded counters).
 
         OSError if the table or the eBPF state is gone (someone flushed the
-        ruleset): make a new Counters, which starts a new epoch.
+        ruleset), or (ENOSPC) the eBPF state is spent: a new key found no
+        free element (meshbpf.c); either way make a new Counters, which
+        starts a new epoch.
         """
         return parse_usage(self._nft.usage_dump(NAME, SETS, LABEL, forwarded=True),
                            (*SETS, FORWARDED))

@@ -23,7 +23,10 @@
  * next free element (an atomic fetch-and-add on the header's counter),
  * writes the key, inserts it in the index, and then sets the key's family,
  * which makes the element visible to readers. Elements are never reused:
- * deleting a counter removes it from the index and hides its element.
+ * deleting a counter removes it from the index and hides its element. Once
+ * a new key found none left (the header's counter went past SLOTS), the
+ * state is spent: reads fail with ENOSPC and finding it fails, so the
+ * caller makes a new one (a new epoch) rather than count less than nft did.
  *
  * Everything stays in the kernel: the filters hold the programs, which hold
  * the maps. The one on lo (always ifindex 1, never deleted) anchors the
@@ -738,6 +741,8 @@ int meshbpf_open(struct meshbpf *b, int create, char *log, size_t log_len)
 			rc = -errno;
 		} else if (create) {
 			b->slots[0].value.packets = 1; /* the first free element */
+		} else if (b->slots[0].value.packets > SLOTS) {
+			rc = -ENOENT; /* spent */
 		}
 	}
 	if (!rc)
@@ -921,7 +926,9 @@ int meshbpf_read(const struct meshbpf *b,
 	uint64_t i;
 	int rc = 0;
 
-	for (i = 1; !rc && i < end && i < SLOTS; i++) {
+	if (end > SLOTS)
+		return -ENOSPC;
+	for (i = 1; !rc && i < end; i++) {
 		slot = &b->slots[i];
 		/* Acquire: the key's other fields were written before its family. */
 		if (!__atomic_load_n(&slot->key.family, __ATOMIC_ACQUIRE))

@@ -22,9 +22,11 @@ to the same address, is in r's count).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import select
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -688,6 +690,23 @@ def test_a_recreated_table_has_a_new_epoch(router: Router) -> None:
         fresh = Counters(nft)
         assert fresh.snapshot().epoch not in ("", epoch)
         assert fresh.destinations() == []
+
+
+@pytest.mark.netns
+def test_spent_counters_fail_loudly_and_a_new_counters_starts_a_new_epoch(
+        router: Router) -> None:
+    """Once a new key found no free element (the program's header went past
+    its array), a snapshot would be short of what was forwarded: it fails,
+    and a Counters made after that starts over under a new epoch."""
+    epoch = router.counters.snapshot().epoch
+    with Nft(netns=router.line.r) as nft:
+        Counters(nft)  # finds the same state
+        with mmap.mmap(nft.bpf_usage_fd(), 64 * 4096) as header:  # meshbpf.c: SLOTS + 1
+            struct.pack_into("=Q", header, 32, (1 << 17) + 1)
+        with pytest.raises(OSError, match="No space left"):
+            router.counters.snapshot()
+        fresh = Counters(nft)
+        assert fresh.snapshot().epoch not in ("", epoch)
 
 
 # -- (d) bad input ------------------------------------------------------------------------
