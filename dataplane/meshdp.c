@@ -15,6 +15,10 @@
  * context also holds a raw netfilter netlink socket, opened in the same
  * namespace, for meshdp_usage_dump: netlink dumps of the usage sets, parsed
  * here into dense arrays (see below).
+ *
+ * Forwarded traffic is counted by an eBPF program instead (meshbpf.c); a
+ * context also holds its state and an rtnetlink socket in the namespace,
+ * and the usage dump merges its counters in.
  */
 #define _GNU_SOURCE
 #include <endian.h>
@@ -211,7 +215,8 @@ void meshdp_str_free(char *s)
  *   labels    n_dests x (u32 index, u32 n, n bytes of text, padded to 4)
  *   keys      n_keys x struct usage_key     every element: interfaces as
  *                                           name indexes, the index of its
- *                                           set in `sets`, its destination
+ *                                           set in `sets` (n_sets for the
+ *                                           eBPF counters), its destination
  *
  * Destination 0 is "other" (its label text is the epoch); the others are
  * numbered in the order their labels were read. An element whose
