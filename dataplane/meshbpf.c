@@ -194,6 +194,9 @@ static void assemble(struct program *p, const struct meshbpf *b, int hdr)
 	int i;
 
 	emit(p, MOV_REG(BPF_REG_6, BPF_REG_1));
+	/* Tagged by a VLAN device on its way here: counted at that device. */
+	emit(p, LDX(BPF_W, BPF_REG_2, BPF_REG_6, CTX(vlan_present)));
+	jump(p, JNE(BPF_REG_2, 0), L_OUT);
 	emit(p, LDX(BPF_W, BPF_REG_2, BPF_REG_6, CTX(ingress_ifindex)));
 	jump(p, JEQ(BPF_REG_2, 0), L_OUT); /* our own: nft counts it */
 	interface_id(p, b, -32, L_IN_RAW, L_IN_DONE);
@@ -813,7 +816,11 @@ static void found_link(void *arg, const struct nlmsghdr *h)
 	s->links[s->n].ifindex = (uint32_t)ifi->ifi_index;
 	strncpy(s->links[s->n].name, ATTR_DATA(name),
 		ATTR_LEN(name) < MESHBPF_NAME_LEN ? ATTR_LEN(name) : MESHBPF_NAME_LEN - 1);
-	s->types[s->n++] = ifi->ifi_type;
+	/* A port of a bond, bridge or team: what it sends went through its
+	 * master's egress hook first, where it was counted. */
+	s->types[s->n++] = attr_find((const char *)ifi + NLMSG_ALIGN(sizeof(*ifi)),
+				     h->nlmsg_len - NLMSG_SPACE(sizeof(*ifi)), IFLA_MASTER)
+			   ? ARPHRD_VOID : ifi->ifi_type;
 }
 
 static const struct meshbpf_link *link_of(const struct meshbpf *b, uint32_t ifindex)
@@ -827,7 +834,8 @@ static const struct meshbpf_link *link_of(const struct meshbpf *b, uint32_t ifin
 }
 
 /* The program for a device type: its link header is on the packet at egress
- * (ethernet, lo) or there is none (tun, WireGuard, PPP); -1: not counted. */
+ * (ethernet, lo) or there is none (tun, WireGuard, PPP); -1: not counted
+ * (other link types, and ports: ARPHRD_VOID, see found_link). */
 static int prog_for(const struct meshbpf *b, uint16_t type)
 {
 	switch (type) {

@@ -548,6 +548,36 @@ def test_an_interface_made_again_under_its_name_counts_on_in_the_same_counter(
             if k.destination == prefix] == [("v-a", "tn-y", FORWARDED)]
 
 
+@pytest.mark.netns
+def test_a_packet_is_counted_once_at_a_bridge_not_again_at_its_port(router: Router) -> None:
+    """A stacked device's packet passes two egress hooks (the bridge's, then
+    its port's); nft counted it once, with the bridge as its out-interface."""
+    line, prefix, dst = router.line, "2001:db8:79::/64", "2001:db8:79::1"
+    router.counters.set_destinations([*DESTINATIONS, prefix])
+    ip("-n", line.a, "route", "add", prefix, "via", R_A6)
+    try:
+        ip("-n", line.r, "link", "add", "br-x", "type", "bridge")
+        ip("-n", line.r, "link", "add", "brp-x", "type", "veth", "peer", "name", "brq-x")
+        ip("-n", line.r, "link", "set", "brp-x", "master", "br-x")
+        for dev in ("br-x", "brp-x", "brq-x"):
+            ip("-n", line.r, "link", "set", dev, "up")
+        ip("-n", line.r, "route", "add", prefix, "dev", "br-x")
+        ip("-n", line.r, "neigh", "add", dst, "lladdr", "02:00:00:00:00:79", "dev", "br-x",
+           "nud", "permanent")
+        router.counters.attach_new()
+        send_udp(line.a, dst, count=7, size=100)
+        wait_for("7 out of the bridge", lambda: router.counters.snapshot().usage(
+            "br-x", prefix).tx_packets == 7)
+    finally:
+        for dev in ("br-x", "brp-x"):
+            subprocess.run(["ip", "-n", line.r, "link", "del", dev], capture_output=True)
+        subprocess.run(["ip", "-n", line.a, "route", "del", prefix], capture_output=True)
+    snap = router.counters.snapshot()
+    assert snap.usage("br-x", prefix).tx_bytes == 7 * (100 + 8 + 40)
+    assert snap.usage("brp-x", prefix) == Usage()
+    assert snap.usage("v-a", prefix).rx_packets == 7
+
+
 # -- (b) enforcement ------------------------------------------------------------------
 
 
