@@ -718,27 +718,30 @@ out:
 }
 
 /* Forwarded counters (meshbpf) as records of set n_sets; interfaces by name. */
-#define FAST_IDS 4096 /* interface ids below this have their name index cached */
+#define FAST_IDS 4096 /* interface ids (or raw ifindexes) below this are cached */
 
 struct forwarded {
 	struct usage_dump *d;
 	struct meshbpf *bpf;
-	int64_t index[FAST_IDS]; /* name index + 1 by interface id, 0 = not yet */
+	/* name index + 1 by interface id, and by ifindex of raw ids; 0 = not yet */
+	int64_t index[FAST_IDS], raw[FAST_IDS];
 };
 
 static int64_t interface_name(struct forwarded *f, uint32_t id)
 {
+	uint32_t small = id & ~MESHBPF_RAW;
+	int64_t *cached = small < FAST_IDS ? &(id & MESHBPF_RAW ? f->raw : f->index)[small] : NULL;
 	char name[NAME_LEN];
 	int64_t i;
 
-	if (id < FAST_IDS && f->index[id])
-		return f->index[id] - 1;
+	if (cached && *cached)
+		return *cached - 1;
 	meshbpf_name(f->bpf, id, name);
 	if (!name[0]) /* gone before its name was ever seen */
 		snprintf(name, NAME_LEN, "#%u", id & ~MESHBPF_RAW);
 	i = name_index(f->d, name);
-	if (i >= 0 && id < FAST_IDS)
-		f->index[id] = i + 1;
+	if (i >= 0 && cached)
+		*cached = i + 1;
 	return i;
 }
 
