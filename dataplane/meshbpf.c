@@ -28,6 +28,17 @@
  * state is spent: reads fail with ENOSPC and finding it fails, so the
  * caller makes a new one (a new epoch) rather than count less than nft did.
  *
+ * Where this counts differently from nft's forward hook: IPv4 packets
+ * without DF that the kernel fragments after `forward` count as their
+ * fragments; packets dropped between the two hooks (no neighbour answer)
+ * count only in nft; interfaces of other link types (GRE, sit, ...) are not
+ * counted; a packet passing two egress hooks counts on both when the lower
+ * device is neither a port of its master nor given a VLAN tag (macvlan,
+ * ipvlan). Tunnels are wireguard-go's tun devices: their encrypted packets
+ * are new, the router's own (ingress 0). Whether kernel WireGuard's keep the
+ * forwarded packet's arrival interface (they would count again, out of the
+ * uplink) is not verified (this kernel has no WireGuard).
+ *
  * Everything stays in the kernel: the filters hold the programs, which hold
  * the maps. The one on lo (always ifindex 1, never deleted) anchors the
  * state for the namespace's lifetime; a new process finds it there (filter
