@@ -76,6 +76,9 @@
 #define NAMES_MAX 65536
 #define IFIDS 65536		/* ifindexes below this have a name id (others: raw) */
 #define RECV_LEN 65536
+#define ANCHOR_TRIES 5	/* looks for the program on lo, replaced meanwhile */
+#define LOAD_TRIES 5	/* program loads, interrupted by a signal */
+#define NAME_TRIES 5	/* ids for a new name, taken by another opener meanwhile */
 #define OTHER_LEN 255
 
 struct lpm_key {
@@ -335,7 +338,7 @@ static int prog_load(const struct meshbpf *b, int hdr, const char *name, char *l
 {
 	struct program p;
 	union bpf_attr a;
-	int fd, saved;
+	int fd, saved, tries;
 
 	memset(&p, 0, sizeof(p));
 	assemble(&p, b, hdr);
@@ -345,9 +348,14 @@ static int prog_load(const struct meshbpf *b, int hdr, const char *name, char *l
 	a.insn_cnt = (uint32_t)p.n;
 	a.license = (uintptr_t)"GPL";
 	strncpy(a.prog_name, name, sizeof(a.prog_name) - 1);
-	fd = (int)sys_bpf(BPF_PROG_LOAD, &a);
-	if (fd >= 0)
-		return fd;
+	/* The verifier gives up with EAGAIN when a signal interrupts it. */
+	for (tries = 0; tries < LOAD_TRIES; tries++) {
+		fd = (int)sys_bpf(BPF_PROG_LOAD, &a);
+		if (fd >= 0)
+			return fd;
+		if (errno != EAGAIN)
+			break;
+	}
 	saved = errno;
 	if (log && log_len) { /* again, for the verifier's reasons */
 		log[0] = 0;
@@ -716,8 +724,15 @@ static int name_record(struct meshbpf *b, uint32_t id, const char *name)
 	return names_add(b, id, name);
 }
 
-/* The id of an interface name, given one on first sight; 0 on failure. */
-static uint32_t name_id(struct meshbpf *b, const char *name)
+/* Forgets the names known here and reads them again: another opener of the
+ * same state (a test's, a restarted meter's) may have named interfaces. */
+static int names_reload(struct meshbpf *b)
+{
+	b->n_names = 0;
+	return names_load(b);
+}
+
+static uint32_t name_known(const struct meshbpf *b, const char *name)
 {
 	size_t i;
 
@@ -725,28 +740,66 @@ static uint32_t name_id(struct meshbpf *b, const char *name)
 		if (!(b->names_of[i].id & MESHBPF_RAW) &&
 		    !strncmp(b->names_of[i].name, name, MESHBPF_NAME_LEN))
 			return b->names_of[i].id;
-	if (b->next_id & MESHBPF_RAW)
-		return 0;
-	return name_record(b, b->next_id, name) ? 0 : b->next_id - 1;
+	return 0;
+}
+
+/* The id of an interface name, given one on first sight; 0 on failure. An
+ * id is taken only where none is (BPF_NOEXIST): one another opener took
+ * meanwhile sends us to read the names again. */
+static uint32_t name_id(struct meshbpf *b, const char *name)
+{
+	union bpf_attr a;
+	uint32_t id;
+	int tries;
+
+	for (tries = 0; tries < NAME_TRIES; tries++) {
+		id = name_known(b, name);
+		if (id)
+			return id;
+		if (b->next_id & MESHBPF_RAW)
+			return 0;
+		memset(&a, 0, sizeof(a));
+		a.map_fd = (uint32_t)b->names;
+		a.key = (uintptr_t)&b->next_id;
+		a.value = (uintptr_t)name;
+		a.flags = BPF_NOEXIST;
+		if (!sys_bpf(BPF_MAP_UPDATE_ELEM, &a)) {
+			id = b->next_id;
+			return names_add(b, id, name) ? 0 : id;
+		}
+		if (errno != EEXIST || names_reload(b))
+			return 0;
+	}
+	return 0;
 }
 
 int meshbpf_open(struct meshbpf *b, int create, char *log, size_t log_len)
 {
 	union bpf_attr a;
-	uint32_t id;
-	int rc;
+	uint32_t id = 0;
+	int rc, tries, found;
 
 	close_maps(b);
 	b->n_links = 0; /* attach again, with the programs about to load */
 	b->n_names = 0;
 	b->next_id = 1;
 	if (!create) {
-		rc = anchor_prog(b, &id);
-		if (!rc)
-			rc = id ? maps_of(b, id) : -ENOENT;
+		/* Another opener (a test's, the meter's after a restart) may
+		 * replace the program on lo between our dump and our lookup: its
+		 * successor holds the same maps, so look again. Only no anchor at
+		 * all means no state. */
+		for (tries = 0; tries < ANCHOR_TRIES; tries++) {
+			rc = anchor_prog(b, &id);
+			if (!rc)
+				rc = id ? maps_of(b, id) : -ENOENT;
+			if (rc != -ENOENT || !id)
+				break;
+			close_maps(b);
+		}
 	} else {
 		rc = maps_new(b);
 	}
+	found = !create && !rc;
 	if (!rc) {
 		b->slots = mmap(NULL, SLOTS * sizeof(*b->slots), PROT_READ | PROT_WRITE, MAP_SHARED,
 				b->usage, 0);
@@ -756,7 +809,8 @@ int meshbpf_open(struct meshbpf *b, int create, char *log, size_t log_len)
 		} else if (create) {
 			b->slots[0].value.packets = 1; /* the first free element */
 		} else if (b->slots[0].value.packets > SLOTS) {
-			rc = -ENOENT; /* spent */
+			rc = -ENOENT; /* spent: to be made anew */
+			found = 0;
 		}
 	}
 	if (!rc)
@@ -782,6 +836,10 @@ int meshbpf_open(struct meshbpf *b, int create, char *log, size_t log_len)
 		rc = meshbpf_sweep(b, 1);
 	if (rc)
 		close_maps(b);
+	/* Found state that fails later is not missing state: the caller must
+	 * not make it anew (that would drop every count). */
+	if (rc == -ENOENT && found)
+		rc = -EIO;
 	return rc;
 }
 
@@ -920,13 +978,19 @@ void meshbpf_name(struct meshbpf *b, uint32_t id, char name[MESHBPF_NAME_LEN])
 {
 	const struct meshbpf_link *l;
 	size_t i;
+	int tries;
 
 	memset(name, 0, MESHBPF_NAME_LEN);
-	for (i = 0; i < b->n_names; i++)
-		if (b->names_of[i].id == id) {
-			memcpy(name, b->names_of[i].name, MESHBPF_NAME_LEN);
-			return;
-		}
+	for (tries = 0; tries < 2; tries++) {
+		for (i = 0; i < b->n_names; i++)
+			if (b->names_of[i].id == id) {
+				memcpy(name, b->names_of[i].name, MESHBPF_NAME_LEN);
+				return;
+			}
+		/* Named by another opener since we read the names. */
+		if (id & MESHBPF_RAW || names_reload(b))
+			break;
+	}
 	/* Counted before a sweep named it: record its name while it is there. */
 	l = id & MESHBPF_RAW ? link_of(b, id & ~MESHBPF_RAW) : NULL;
 	if (l && !name_record(b, id, l->name))
