@@ -156,6 +156,10 @@ class Report:
             self.problems.append(f"{name}: {d.payee} counted {-d.lost:,} B more than "
                                  f"{d.payer} sent ({-d.loss:.1%})")
         self.check_paid(d, name)
+        self.check_unpaid(d, name, pay_threshold)
+
+    def check_unpaid(self, d: Direction, name: str, pay_threshold: int) -> None:
+        """The payer pays each time its debt crosses the threshold."""
         if d.unpaid > 2 * pay_threshold:
             self.problems.append(f"{name}: {d.unpaid:+,} wei left unpaid, over twice the pay "
                                  f"threshold {pay_threshold:,}")
@@ -223,9 +227,7 @@ def reconcile(ledgers: Mapping[str, Mapping[str, Ledger]], pay_threshold: int,
                 f"{payer}->{payee} (exit): the client's bill {direction.owed:,} is not within "
                 f"{EXIT_TOLERANCE:.0%} below the exit's {direction.charged:,}")
         report.check_paid(direction, f"{payer}->{payee} (exit)")
-        if direction.owed - direction.paid > 2 * pay_threshold:
-            report.problems.append(f"{payer}->{payee} (exit): {direction.owed - direction.paid:,}"
-                                   f" wei unpaid, over twice the pay threshold {pay_threshold:,}")
+        report.check_unpaid(direction, f"{payer}->{payee} (exit)", pay_threshold)
         report.margins[payer] = report.margins.get(payer, 0) - direction.owed
         report.margins[payee] = report.margins.get(payee, 0) + direction.charged
     return report
