@@ -5,8 +5,9 @@ list of prefixes (IPv6 and IPv4), or `other`. For each neighbor and
 destination the kernel counts what the neighbor sent us (rx: the packet came
 in on its interface) and what we sent through it (tx: the packet went out on
 its interface). Forwarded packets count, after the forwarding policy and
-enforcement let them through (the chain `metering` hooks `forward` after
-both); so does our own traffic with a neighbor, but only on its tunnel (the
+enforcement let them through (an eBPF program on every interface's tc egress
+hook, which runs after netfilter's `forward`: dataplane/meshbpf.c); so does
+our own traffic with a neighbor, but only on its tunnel (the
 chains `delivered` and `originated` hook `input` and `output` for interfaces
 matching LOCAL_INTERFACES): a neighbor pays for what it sends us, whether we
 forward it, it is for us, or it dies here at hop limit 1 (the chain
@@ -17,12 +18,22 @@ A local packet's other interface is empty in its key. Local packets to
 link-local and multicast addresses (the neighbors' Babel, proofs and
 handshakes) are not counted: see LINK_SCOPED.
 
-Everything lives in the kernel, in `table inet mesh_meter`, so a restart of
-any service loses no count. Each forwarded packet updates one element of a
+Everything lives in the kernel, so a restart of any service loses no count.
+Forwarded traffic is counted by the eBPF program, per (in, out, destination)
+that saw traffic, interfaces keyed by name (a tunnel that comes back under
+its name keeps counting; one that is gone keeps its name); it reads the
+configured prefixes from LPM tries this class keeps equal to the labels
+below. It attaches to every interface of the namespace (Counters.install,
+then each snapshot attaches to interfaces new since the last: a tunnel's
+first forwarded packets out of it before that would not be counted, so
+whoever makes a tunnel calls `count_new_interfaces` right after). A snapshot of 50,050 counters
+takes ~9 ms (a read of memory, and the small nft sets below); as nft set
+elements it took 50-57 ms.
+
+The router's own traffic lives in `table inet mesh_meter`. Each such packet
+updates one element of a
 dynamic set keyed `iifname . oifname . network . prefix length`, whose
-counter the kernel creates on the packet's first arrival: one counter per
-(in, out, destination) that saw traffic, and neighbors need not be declared
-(a tunnel that comes back under its name keeps counting). The destination
+counter the kernel creates on the packet's first arrival. The destination
 is found by longest match: one rule per configured prefix length, longest
 first, masks the destination address and looks it up in the hash set of
 that length's networks (`n6_64`, `n4_24`, ...); a packet none matches counts
@@ -40,10 +51,12 @@ kernel dumps a set in O(n^2). Elements keyed `":label" . ":label" . ...`
 each configured destination in their comment; the one of "other" holds the
 table's epoch, which changes only when the table is created anew.
 
-A snapshot is one read of every shard as of one ruleset generation
-(`Nft.usage_dump`, in C: libnftables takes ~14 us per element to print,
-the kernel ~0.8 us to dump); counters are monotonic and never reset here,
-so consumers take differences between snapshots of the same epoch.
+A snapshot is one read of every shard as of one ruleset generation, and of
+the forwarded counters (`Nft.usage_dump`, in C: libnftables takes ~14 us
+per element to print, the kernel ~0.8 us to dump); counters are monotonic
+and never reset here, so consumers take differences between snapshots of
+the same epoch. The epoch's table and the eBPF state are made together: a
+new table, or eBPF state gone missing, makes both anew.
 
 Kept apart from `table inet mesh`: ForwardingPolicy replaces that table
 whole when its spec changes, which would reset every count.
@@ -69,15 +82,19 @@ TABLE = f"{FAMILY} {NAME}"
 OTHER = "other"  # the destination of packets no configured prefix covers
 OTHER_LEN = 255  # the prefix length their elements carry
 LABEL = ":label"  # the interface name of label elements: never a real one
-# Sets per family. A snapshot of 50,050 counters (tests/bench) took 150 ms
-# with 1, 66 ms with 4, 60 ms with 16, 49 ms with 32 and 50 ms with 64: past
-# a few thousand elements per set the kernel's walk restarts dominate, below
-# that its ~0.9 us per element.
+# Sets per family. When the sets held forwarded traffic too, a snapshot of
+# 50,050 counters (tests/bench) took 150 ms with 1, 66 ms with 4, 60 ms with
+# 16, 49 ms with 32 and 50 ms with 64: past a few thousand elements per set
+# the kernel's walk restarts dominate, below that its ~0.9 us per element.
+# With only the router's own traffic left here (forwarded traffic is
+# counted in eBPF), one would do; reading the 64 near-empty sets costs
+# ~0.4 ms of a snapshot.
 SHARDS = 32
 SHARD_SIZE = 65536  # elements per set; beyond it the kernel refuses (ENFILE)
 LOCAL_INTERFACES = "mw*"  # tunnels (services/link names them mw<hash>)
 SETS = tuple(f"u{version}_{k}" for version in (6, 4) for k in range(SHARDS))
 LABEL_SETS = ("u6_0", "u4_0")  # where the labels (and the epoch) live
+FORWARDED = "forwarded"  # the set name of the eBPF counters' keys in a snapshot
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -181,14 +198,8 @@ def _skeleton(fingerprint: str, local: str) -> str:
     shard = f"jhash iifname . oifname mod {SHARDS} vmap {{ {spread} }}"
     return (
         f"table {TABLE} {{\n{sets}{chains}"
-        # After the forwarding policy (priority filter) and enforcement
-        # (filter - 10): only what is really forwarded counts.
-        "\tchain metering {\n"
-        f'\t\tcomment "meshdp counters {fingerprint}"\n'
-        "\t\ttype filter hook forward priority filter + 10; policy accept;\n"
-        f"\t\t{shard}\n"
-        "\t}\n"
         "\tchain delivered {\n"
+        f'\t\tcomment "meshdp counters {fingerprint}"\n'
         "\t\ttype filter hook input priority filter + 10; policy accept;\n"
         f"\t\t{LINK_SCOPED}\n"
         f'\t\tiifname "{local}" {shard}\n'
@@ -277,24 +288,6 @@ class UsageKey(NamedTuple):
     address: str  # the destination's network address (unspecified for other)
     length: int  # its prefix length; OTHER_LEN for other
     destination: str | None  # configured prefix or OTHER; None if removed (stale)
-
-
-def render_forget(keys: Iterable[UsageKey]) -> str:
-    """Deletes these counter elements, but for those of the router's own
-    traffic: the kernel keys it with an empty in-interface, which nft has no
-    way to write (it refuses ""), and one such key would fail the whole batch.
-    They stay, no longer counting, until the table is made again."""
-    by_set: dict[str, list[str]] = {}
-    for key in keys:
-        if not key.inside or not key.outside:
-            continue
-        by_set.setdefault(key.set_name, []).append(
-            f'"{key.inside}" . "{key.outside}" . {key.address} . {key.length}')
-    return "".join(
-        f"delete element {TABLE} {name} {{ {', '.join(elements[start:start + 500])} }}\n"
-        for name, elements in sorted(by_set.items())
-        for start in range(0, len(elements), 500)
-    )
 
 
 class Usage(NamedTuple):
@@ -444,24 +437,40 @@ class Counters:
         return chain_fingerprint(self._nft, FAMILY, NAME, _FINGERPRINT)
 
     def install(self) -> bool:
-        """Create the table unless this version of it exists; True if it was created.
+        """Create the table and the eBPF state unless this version of both
+        exists; True if they were created. Either way the counting program
+        is attached to every interface.
 
         A table of another version is replaced, which restarts every counter
-        under a new epoch: only an upgrade that changes the structure does that.
+        under a new epoch: only an upgrade that changes the structure does that
+        (or eBPF state gone missing, since its counts went with it).
+        OSError if the kernel refuses the eBPF program (with the verifier's log).
         """
         with self._lock:
-            if self.installed_fingerprint() == skeleton_fingerprint(self._local):
+            if (self.installed_fingerprint() == skeleton_fingerprint(self._local)
+                    and self._nft.bpf_open(create=False)):
                 return False
             self._nft.run(render_skeleton(f"epoch {os.urandom(8).hex()}", self._local))
+            self._nft.bpf_open(create=True)
+            # The prefixes go with the table's labels, which are new: none.
             return True
 
-    def snapshot(self) -> Snapshot:
-        """Every counter, as of one ruleset generation (one read of every shard).
+    def attach_new(self) -> None:
+        """Attach the counting program to interfaces made since the last
+        snapshot now: call it after making a tunnel, before it forwards."""
+        self._nft.bpf_sweep()
 
-        OSError if the table is gone (someone flushed the ruleset): make a
-        new Counters, which starts a new epoch.
+    def snapshot(self) -> Snapshot:
+        """Every counter, as of one ruleset generation (one read of every
+        shard, and of the forwarded counters).
+
+        OSError if the table or the eBPF state is gone (someone flushed the
+        ruleset), or (ENOSPC) the eBPF state is spent: a new key found no
+        free element (meshbpf.c); either way make a new Counters, which
+        starts a new epoch.
         """
-        return parse_usage(self._nft.usage_dump(NAME, SETS, LABEL))
+        return parse_usage(self._nft.usage_dump(NAME, SETS, LABEL, forwarded=True),
+                           (*SETS, FORWARDED))
 
     def destinations(self) -> list[str]:
         """The configured prefixes, read back from the kernel."""
@@ -484,28 +493,35 @@ class Counters:
                 return
             # Left by a call that was interrupted: a prefix added back must
             # not find its old counts.
-            self._delete_stale()
+            self._nft.bpf_delete(None)
+            # The eBPF tries before the labels: interrupted in between, the
+            # labels differ from what was wanted, so the next call redoes it.
+            self._nft.bpf_prefixes([(n.version, n.network_address.packed, n.prefixlen)
+                                    for n in sorted(wanted, key=str)])
             self._nft.run(render_destinations({_network(d) for d in labelled}, wanted))
             # No packet reaches a removed destination any more, so this
-            # read sees every element it will ever have.
-            self._delete_stale()
+            # read sees every counter it will ever have.
+            self._nft.bpf_delete(None)
 
     def forget(self, neighbor: str) -> int:
-        """Delete a gone neighbor's counters (after its last usage was taken).
+        """Delete a gone neighbor's forwarded counters (after its last usage
+        was taken).
 
         Counters live until deleted, also for an interface that is gone: the
         same tunnel name coming back keeps counting. Returns how many
-        elements were deleted. ValueError for a bad interface name.
+        counters were deleted. ValueError for a bad interface name. The
+        router's own traffic with it stays (nft cannot name those elements:
+        their other interface is empty), no longer counting once it is gone.
         """
         (neighbor,) = check_ifnames([neighbor])
         with self._lock:
-            keys = self.snapshot().elements(neighbor)
-            script = render_forget(keys)
-            if script:
-                self._nft.run(script)
-            return len(keys)
+            return self._nft.bpf_delete(neighbor)
 
-    def _delete_stale(self) -> None:
-        script = render_forget(self.snapshot().stale())
-        if script:
-            self._nft.run(script)
+
+def count_new_interfaces(nft: Nft) -> bool:
+    """Attach the counting program, from any process, to every interface of
+    nft's namespace: link and exit call it as they make a tunnel, before it
+    forwards (the meter's own sweep runs once a sample, and not at all while
+    it restarts). False if there are no forwarded counters yet: the meter
+    makes them, and attaches everywhere, when it starts."""
+    return nft.bpf_open(create=False)

@@ -15,6 +15,10 @@
  * context also holds a raw netfilter netlink socket, opened in the same
  * namespace, for meshdp_usage_dump: netlink dumps of the usage sets, parsed
  * here into dense arrays (see below).
+ *
+ * Forwarded traffic is counted by an eBPF program instead (meshbpf.c); a
+ * context also holds its state and an rtnetlink socket in the namespace,
+ * and the usage dump merges its counters in.
  */
 #define _GNU_SOURCE
 #include <endian.h>
@@ -22,6 +26,7 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <arpa/inet.h>
@@ -34,18 +39,21 @@
 #include <linux/netlink.h>
 #include <nftables/libnftables.h>
 
+#include "meshbpf.h"
+
 struct meshdp_ctx {
 	struct nft_ctx *nft;
 	int nl;		/* NETLINK_NETFILTER socket in the same namespace */
 	uint32_t seq;
+	struct meshbpf bpf;	/* forwarded counters; its rtnetlink socket too */
 };
 
-static int netlink_open(void)
+static int netlink_open(int protocol)
 {
 	struct sockaddr_nl local = { .nl_family = AF_NETLINK };
 	int fd, saved;
 
-	fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_NETFILTER);
+	fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, protocol);
 	if (fd < 0)
 		return -1;
 	if (bind(fd, (struct sockaddr *)&local, sizeof(local)) < 0) {
@@ -57,14 +65,17 @@ static int netlink_open(void)
 	return fd;
 }
 
-/* Both sockets in the current namespace; 0, or -1 with errno set. */
+/* The sockets in the current namespace; 0, or -1 with errno set. */
 static int sockets_new(struct meshdp_ctx *ctx)
 {
 	ctx->nft = nft_ctx_new(NFT_CTX_DEFAULT);
 	if (!ctx->nft)
 		return -1;
-	ctx->nl = netlink_open();
-	return ctx->nl < 0 ? -1 : 0;
+	ctx->nl = netlink_open(NETLINK_NETFILTER);
+	if (ctx->nl < 0)
+		return -1;
+	ctx->bpf.rt = netlink_open(NETLINK_ROUTE);
+	return ctx->bpf.rt < 0 ? -1 : 0;
 }
 
 /* nft_ctx_new opens the netlink socket, so the socket (and every command run
@@ -119,6 +130,7 @@ struct meshdp_ctx *meshdp_ctx_new(const char *netns_path)
 	if (!ctx)
 		return NULL;
 	ctx->nl = -1;
+	meshbpf_init(&ctx->bpf);
 	if (sockets_new_in(ctx, netns_path) < 0)
 		goto fail;
 	if (nft_ctx_buffer_output(ctx->nft) || nft_ctx_buffer_error(ctx->nft)) {
@@ -132,6 +144,7 @@ fail:
 		nft_ctx_free(ctx->nft);
 	if (ctx->nl >= 0)
 		close(ctx->nl);
+	meshbpf_close(&ctx->bpf);
 	free(ctx);
 	errno = saved;
 	return NULL;
@@ -143,6 +156,7 @@ void meshdp_ctx_free(struct meshdp_ctx *ctx)
 		return;
 	nft_ctx_free(ctx->nft);
 	close(ctx->nl);
+	meshbpf_close(&ctx->bpf);
 	free(ctx);
 }
 
@@ -201,7 +215,8 @@ void meshdp_str_free(char *s)
  *   labels    n_dests x (u32 index, u32 n, n bytes of text, padded to 4)
  *   keys      n_keys x struct usage_key     every element: interfaces as
  *                                           name indexes, the index of its
- *                                           set in `sets`, its destination
+ *                                           set in `sets` (n_sets for the
+ *                                           eBPF counters), its destination
  *
  * Destination 0 is "other" (its label text is the epoch); the others are
  * numbered in the order their labels were read. An element whose
@@ -702,13 +717,78 @@ out:
 	return rc;
 }
 
-/* Reads the n_sets shards `sets` of table `table` (family inet). Returns 0,
- * or -errno: -EINTR if a transaction committed meanwhile (read again),
- * -EPROTO if a set is not a usage set, -ENOENT if one is missing. */
+/* Forwarded counters (meshbpf) as records of set n_sets; interfaces by name. */
+#define FAST_IDS 4096 /* interface ids (or raw ifindexes) below this are cached */
+
+struct forwarded {
+	struct usage_dump *d;
+	struct meshbpf *bpf;
+	/* name index + 1 by interface id, and by ifindex of raw ids; 0 = not yet */
+	int64_t index[FAST_IDS], raw[FAST_IDS];
+};
+
+static int64_t interface_name(struct forwarded *f, uint32_t id)
+{
+	uint32_t small = id & ~MESHBPF_RAW;
+	int64_t *cached = small < FAST_IDS ? &(id & MESHBPF_RAW ? f->raw : f->index)[small] : NULL;
+	char name[NAME_LEN];
+	int64_t i;
+
+	if (cached && *cached)
+		return *cached - 1;
+	meshbpf_name(f->bpf, id, name);
+	if (!name[0]) /* gone before its name was ever seen */
+		snprintf(name, NAME_LEN, "#%u", id & ~MESHBPF_RAW);
+	i = name_index(f->d, name);
+	if (i >= 0 && cached)
+		*cached = i + 1;
+	return i;
+}
+
+static int forwarded_rec(void *arg, const struct meshbpf_key *k, const struct meshbpf_value *v)
+{
+	struct forwarded *f = arg;
+	struct usage_rec *r;
+	int64_t in, out;
+	size_t size = k->family == 6 ? 16 : 4;
+
+	in = interface_name(f, k->in);
+	out = in < 0 ? in : interface_name(f, k->out);
+	if (out < 0)
+		return (int)out;
+	if (grow((void **)&f->d->recs, &f->d->recs_cap, f->d->n_recs + 1, sizeof(*r)))
+		return -ENOMEM;
+	r = &f->d->recs[f->d->n_recs++];
+	memset(r, 0, sizeof(*r));
+	r->in = (uint32_t)in;
+	r->out = (uint32_t)out;
+	r->set = f->d->set;
+	r->dest.size = (uint32_t)size + 4; /* laid out like an nft usage key's */
+	memcpy(r->dest.bytes, k->addr, size);
+	memcpy(r->dest.bytes + size, &k->len, 4);
+	r->packets = v->packets;
+	r->bytes = v->bytes;
+	return 0;
+}
+
+/* Makes sure the forwarded counters are open: finds them in the namespace. */
+static int bpf_ready(struct meshdp_ctx *ctx)
+{
+	return ctx->bpf.usage >= 0 ? 0 : meshbpf_open(&ctx->bpf, 0, NULL, 0);
+}
+
+/* Reads the n_sets shards `sets` of table `table` (family inet), and with
+ * `forwarded` the eBPF counters of forwarded traffic (after attaching to
+ * interfaces new since the last read), as records of set index n_sets.
+ * Returns 0, or -errno: -EINTR if a transaction committed meanwhile (read
+ * again), -EPROTO if a set is not a usage set, -ENOENT if one is missing
+ * (or the eBPF counters are). */
 int meshdp_usage_dump(struct meshdp_ctx *ctx, const char *table, const char *const *sets,
-		      unsigned int n_sets, const char *label, char **out, size_t *out_len)
+		      unsigned int n_sets, const char *label, int forwarded, char **out,
+		      size_t *out_len)
 {
 	struct usage_dump d = { .generation = -1 };
+	struct forwarded *f = NULL;
 	int rc = 0;
 
 	*out = NULL;
@@ -718,11 +798,72 @@ int meshdp_usage_dump(struct meshdp_ctx *ctx, const char *table, const char *con
 	strncpy(d.label, label, NAME_LEN);
 	for (d.set = 0; d.set < n_sets && !rc; d.set++)
 		rc = usage_read(ctx, table, sets[d.set], &d);
+	if (!rc && forwarded) {
+		rc = bpf_ready(ctx);
+		if (!rc)
+			rc = meshbpf_sweep(&ctx->bpf, 0);
+		if (!rc && !(f = calloc(1, sizeof(*f))))
+			rc = -ENOMEM;
+		if (!rc) {
+			f->d = &d;
+			f->bpf = &ctx->bpf;
+			d.set = n_sets;
+			rc = meshbpf_read(&ctx->bpf, forwarded_rec, f);
+		}
+	}
 	if (!rc)
 		rc = usage_layout(&d, out, out_len);
+	free(f);
 	free(d.names);
 	free(d.slots);
 	free(d.recs);
 	free(d.labels);
 	return rc;
+}
+
+/*
+ * The forwarded counters' own calls (see meshbpf.h). Each returns 0 or
+ * -errno; those that need the counters find them first (-ENOENT if there
+ * are none).
+ */
+
+/* Finds the counters (create == 0) or makes them anew; log gets the
+ * verifier's complaint if a program does not load. */
+int meshdp_bpf_open(struct meshdp_ctx *ctx, int create, char *log, size_t log_len)
+{
+	return meshbpf_open(&ctx->bpf, create, log, log_len);
+}
+
+/* Attaches to every interface again (force) or to those new since the last
+ * sweep. */
+int meshdp_bpf_sweep(struct meshdp_ctx *ctx, int force)
+{
+	int rc = bpf_ready(ctx);
+
+	return rc ? rc : meshbpf_sweep(&ctx->bpf, force);
+}
+
+int meshdp_bpf_prefixes(struct meshdp_ctx *ctx, const struct meshbpf_prefix *wanted,
+			unsigned int n)
+{
+	int rc = bpf_ready(ctx);
+
+	return rc ? rc : meshbpf_prefixes(&ctx->bpf, wanted, n);
+}
+
+/* Deletes an interface's counters, or (name NULL) those of removed
+ * prefixes; returns how many. */
+int meshdp_bpf_delete(struct meshdp_ctx *ctx, const char *name)
+{
+	int rc = bpf_ready(ctx);
+
+	return rc ? rc : meshbpf_delete(&ctx->bpf, name);
+}
+
+/* The counters' map (for tests and benchmarks that fill it). */
+int meshdp_bpf_usage_fd(struct meshdp_ctx *ctx)
+{
+	int rc = bpf_ready(ctx);
+
+	return rc ? rc : ctx->bpf.usage;
 }

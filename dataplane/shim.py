@@ -5,6 +5,7 @@
     nft.run("add table inet t")      # nft's text output; NftError on failure
     nft.json("list tables")          # nft's JSON objects, metainfo left out
     nft.usage_dump("mesh_meter", ["u6_0", "u4_0"], ":label")  # see counters.py
+    nft.bpf_open(create=True)        # the forwarded counters (eBPF), see meshbpf.c
 
 A context binds to the namespace it is opened in: libnftables opens its
 netlink socket then. Only commands that name interfaces by string (`iifname`,
@@ -19,6 +20,7 @@ import errno
 import json as jsonlib
 import os
 import re
+import struct
 import threading
 import weakref
 from collections.abc import Sequence
@@ -30,7 +32,9 @@ from typing import Any
 LIBRARY = Path(__file__).with_name("libmeshdp.so")
 NETNS_DIR = Path("/run/netns")  # where `ip netns add` puts named namespaces
 NFT_CTX_OUTPUT_JSON = 1 << 4  # libnftables.h
+BPF_LOG_LEN = 1 << 16  # the verifier's log, on a program it refuses
 USAGE_DUMP_TRIES = 10  # each retry means another transaction committed meanwhile
+_PREFIX = struct.Struct("=2I16s")  # struct meshbpf_prefix
 
 # libnftables keeps process-wide state (its interface cache), so calls through
 # different contexts must not overlap either: one lock for all of them.
@@ -84,10 +88,19 @@ def _library() -> ctypes.CDLL:
         ctypes.POINTER(ctypes.c_char_p),
         ctypes.c_uint,
         ctypes.c_char_p,
+        ctypes.c_int,
         ctypes.POINTER(ctypes.c_void_p),
         ctypes.POINTER(ctypes.c_size_t),
     ]
     lib.meshdp_usage_dump.restype = ctypes.c_int
+    lib.meshdp_bpf_open.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p,
+                                    ctypes.c_size_t]
+    lib.meshdp_bpf_sweep.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.meshdp_bpf_prefixes.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint]
+    lib.meshdp_bpf_delete.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.meshdp_bpf_usage_fd.argtypes = [ctypes.c_void_p]
+    for call in ("open", "sweep", "prefixes", "delete", "usage_fd"):
+        getattr(lib, f"meshdp_bpf_{call}").restype = ctypes.c_int
     return lib
 
 
@@ -127,8 +140,10 @@ class Nft:
             return []
         return [obj for obj in jsonlib.loads(out)["nftables"] if "metainfo" not in obj]
 
-    def usage_dump(self, table: str, sets: Sequence[str], label: str) -> bytes:
-        """The shards `sets` of an `inet` usage set, read as of one ruleset generation.
+    def usage_dump(self, table: str, sets: Sequence[str], label: str,
+                   forwarded: bool = False) -> bytes:
+        """The shards `sets` of an `inet` usage set, read as of one ruleset generation,
+        and with `forwarded` the eBPF counters of forwarded traffic (as set len(sets)).
 
         The layout is meshdp_usage_dump's (dataplane/counters.py reads it).
         Reads again while transactions interrupt it (a few times); OSError
@@ -142,7 +157,7 @@ class Nft:
             with _lock:
                 rc = self._lib.meshdp_usage_dump(
                     self._ctx, table.encode(), names, len(sets), label.encode(),
-                    ctypes.byref(out), ctypes.byref(size),
+                    int(forwarded), ctypes.byref(out), ctypes.byref(size),
                 )
             if rc != -errno.EINTR:
                 break
@@ -153,6 +168,50 @@ class Nft:
             return ctypes.string_at(out.value, size.value)
         finally:
             self._lib.meshdp_str_free(out)
+
+    def bpf_open(self, create: bool) -> bool:
+        """Find this namespace's forwarded counters (False if there are none), or
+        with `create` make them anew (replacing any); either way attach their
+        program to every interface. OSError otherwise, with the verifier's log."""
+        log = ctypes.create_string_buffer(BPF_LOG_LEN)
+        rc = self._bpf("open", int(create), log, len(log))
+        if rc == -errno.ENOENT:
+            return False
+        if rc < 0:
+            text = log.value.decode(errors="replace").strip()
+            raise OSError(-rc, f"cannot set up the forwarded counters: {os.strerror(-rc)}"
+                               + (f"\n--- verifier ---\n{text}" if text else ""))
+        return True
+
+    def bpf_sweep(self, force: bool = False) -> None:
+        """Attach the counting program to interfaces new since the last sweep (or all)."""
+        self._bpf("sweep", int(force))
+
+    def bpf_prefixes(self, prefixes: Sequence[tuple[int, bytes, int]]) -> None:
+        """Count forwarded traffic by exactly these (IP version, network address,
+        length); a prefix that stays is never missing meanwhile."""
+        packed = b"".join(_PREFIX.pack(version, length, address)
+                          for version, address, length in prefixes)
+        self._bpf("prefixes", packed, len(prefixes))
+
+    def bpf_delete(self, interface: str | None) -> int:
+        """Delete an interface's forwarded counters, or (None) those of removed
+        prefixes; how many."""
+        return self._bpf("delete", interface.encode() if interface is not None else None)
+
+    def bpf_usage_fd(self) -> int:
+        """The forwarded counters' map (a hash of meshbpf_key -> meshbpf_value)."""
+        return self._bpf("usage_fd")
+
+    def _bpf(self, call: str, *args: object) -> int:
+        """-errno of `open` is the caller's to handle; any other's raises."""
+        if not self._free.alive:
+            raise ValueError("this Nft context is closed")
+        with _lock:
+            rc: int = getattr(self._lib, f"meshdp_bpf_{call}")(self._ctx, *args)
+        if rc < 0 and call != "open":
+            raise OSError(-rc, f"forwarded counters ({call}): {os.strerror(-rc)}")
+        return rc
 
     def close(self) -> None:
         self._free()

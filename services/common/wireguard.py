@@ -9,9 +9,14 @@ that no other router holds.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 from pathlib import Path
+
+from dataplane.counters import count_new_interfaces
+from dataplane.shim import Nft
+from services.common.logs import kv
 
 PROBE_INTERFACE = "mwprobe0"
 
@@ -54,12 +59,20 @@ class WireGuard:
         return Path("/sys/class/net", name).exists()
 
     def create(self, name: str) -> None:
+        """Make the interface (down) and have its forwarded bytes counted from
+        its first packet on."""
         if self.exists(name):
             return
         if self.kernel:
             run(["ip", "link", "add", name, "type", "wireguard"])
         else:
             run(["wireguard-go", name])
+        try:
+            with Nft() as nft:
+                count_new_interfaces(nft)
+        except OSError as error:  # the meter's next sample attaches it
+            logging.getLogger(__name__).warning(
+                kv("tunnel.uncounted", tunnel=name, error=str(error)))
 
     @staticmethod
     def remove(name: str) -> None:

@@ -1,4 +1,4 @@
-"""Benchmark of the dataplane's usage counters and enforcement (needs root).
+"""Benchmark of the dataplane's usage counters (needs root).
 
     .venv/bin/python -m tests.bench.bench_dataplane [--neighbors 50] [--destinations 1000]
         [--seconds 3] [--rounds 5] [--samples 20]
@@ -6,27 +6,36 @@
 In namespaces a - r - b (tests/netns/test_metering_dataplane.py), with r's
 forwarding policy on throughout, r is loaded with the state of a busy
 router: `--destinations` prefixes (b's among them), and `--neighbors`
-neighbors (a, b and made-up ones) each of which has sent traffic to every
-destination, each destination routed out through one of them (one counter
-per neighbor and destination, the densest that state gets), and every
-made-up neighbor throttled or blocked (a and b are open). Prints, each
-against a baseline from the same run:
+neighbors (a, b and made-up ones: tun devices, like tunnels) each of which has sent
+traffic to every destination, each destination routed out through one of
+them (one counter per neighbor and destination, the densest that state
+gets), and every made-up neighbor throttled or blocked (a and b are open).
+Prints, each against a baseline from the same run:
 
-  - iperf3 TCP throughput a -> b through r with counting and enforcement on,
-    against the same path with their chains unhooked (rounds alternate);
-  - the time of one snapshot of that state (median of --samples), against a
-    plain `nft list ruleset` subprocess in r;
+  - iperf3 TCP throughput a -> b through r with the eBPF counting program
+    on r's interfaces, against the same path without it: each round runs
+    without, then with, and the ratio is the median of the rounds' ratios
+    (on a machine shared with other work the rounds vary by 4x, so the
+    program's own time per packet is printed too, from the kernel's BPF
+    run statistics: kernel.bpf_stats_enabled is on during the runs);
+  - the time of one snapshot of that state (median of --samples), against
+    the nftables path it replaced: the same counters as elements of the
+    sharded nft sets, read by meshdp_usage_dump (and a plain `nft list
+    ruleset` subprocess in r, for scale);
   - the kernel memory of that state: the growth of Slab + Percpu +
     VmallocUsed in /proc/meminfo while it is loaded (machine-wide, so other
-    activity adds noise), per counter element.
+    activity adds noise), per counter, for both.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
+import mmap
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -34,19 +43,30 @@ import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dataplane.counters import NAME as METER
-from dataplane.counters import OTHER_LEN, SHARDS, Counters, parse_destinations
-from dataplane.enforcement import NAME as ENFORCE
+from dataplane.counters import (
+    LABEL,
+    OTHER_LEN,
+    SETS,
+    SHARDS,
+    Counters,
+    parse_destinations,
+    parse_usage,
+)
 from dataplane.enforcement import Enforcer, Mode
 from dataplane.policy import ForwardingPolicy
 from dataplane.shim import Nft
-from tests.netns.test_metering_dataplane import B6, B_NET6, SPEC, Line, a_r_b, iperf3
+from tests.netns.test_metering_dataplane import B6, B_NET6, SPEC, Line, a_r_b, in_ns, iperf3
 
-HOOKED = {METER: "metering", ENFORCE: "gate"}  # each table's base chain
+BASELINE = "mesh_meter_nft"  # the nftables path's sets, loaded for comparison
+SLOT = struct.Struct("=4I16s2Q16x")  # struct meshbpf_slot (dataplane/meshbpf.h)
+SLOTS = 1 << 17  # meshbpf.c: SLOTS
+RAW = 0x80000000  # meshbpf.h: MESHBPF_RAW
+
+Key = tuple[int, str, int]  # IP version, network address, prefix length
 
 
 def meminfo_kib() -> int:
-    """Slab + Percpu + VmallocUsed: where nftables state lives, in KiB."""
+    """Slab + Percpu + VmallocUsed: where nftables and eBPF state live, in KiB."""
     fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
     return sum(int(fields[name].split()[0]) for name in ("Slab", "Percpu", "VmallocUsed"))
 
@@ -60,18 +80,48 @@ def destinations(count: int) -> list[str]:
     return prefixes
 
 
-def load(nft: Nft, counters: Counters, enforcer: Enforcer, n_neighbors: int,
-         n_destinations: int) -> int:
-    """Load the busy router's state; returns how many counter elements it has."""
-    prefixes = destinations(n_destinations)
-    counters.set_destinations(prefixes)
-    fake = [f"nb{i:02d}" for i in range(n_neighbors - 2)]
-    neighbors = ["v-a", "v-b", *fake]
-    keys = [(n.version, n.network_address, n.prefixlen) for n in parse_destinations(prefixes)]
-    keys.append((6, "::", OTHER_LEN))
-    by_set: dict[str, list[str]] = {}
+def counter_keys(prefixes: list[str]) -> list[Key]:
+    keys: list[Key] = [(n.version, str(n.network_address), n.prefixlen)
+                       for n in parse_destinations(prefixes)]
+    return [*keys, (6, "::", OTHER_LEN)]
+
+
+def fill_program(nft: Nft, ifindexes: dict[str, int], neighbors: list[str],
+                 keys: list[Key]) -> int:
+    """Every neighbor's counters as the program would have made them (written
+    before any traffic: the program allocates elements too). How many.
+
+    Interfaces by ifindex | MESHBPF_RAW (as the program keys one no sweep has
+    named yet): the first snapshot names them."""
+    with mmap.mmap(nft.bpf_usage_fd(), SLOTS * SLOT.size) as slots:
+        (start,) = struct.unpack_from("=Q", slots, 32)
+        at = start
+        for i, (version, address, length) in enumerate(keys):
+            out = ifindexes[neighbors[i % len(neighbors)]] | RAW  # the route to it
+            packed = ipaddress.ip_address(address).packed
+            for inside in neighbors:
+                SLOT.pack_into(slots, at * SLOT.size, ifindexes[inside] | RAW, out, version,
+                               length, packed, 1000, 1_000_000)
+                at += 1
+        struct.pack_into("=Q", slots, 32, at)
+    return at - start
+
+
+def fill_nft(nft: Nft, neighbors: list[str], keys: list[Key], prefixes: list[str]) -> None:
+    """The same counters in the nftables path's sets (a table of their own)."""
+    sets = "".join(
+        f"\tset u{version}_{k} {{\n\t\ttype ifname . ifname . "
+        f"{'ipv6_addr' if version == 6 else 'ipv4_addr'} . mark\n"
+        "\t\tsize 65536\n\t\tflags dynamic\n\t\tcounter\n\t}\n"
+        for version in (6, 4) for k in range(SHARDS))
+    nft.run(f"table inet {BASELINE} {{\n{sets}}}\n")
+    by_set: dict[str, list[str]] = {
+        "u6_0": [f'"{LABEL}" . "{LABEL}" . :: . {OTHER_LEN} comment "epoch baseline"']}
+    for n in parse_destinations(prefixes):
+        by_set.setdefault(f"u{n.version}_0", []).append(
+            f'"{LABEL}" . "{LABEL}" . {n.network_address} . {n.prefixlen} comment "{n}"')
     for i, (version, address, length) in enumerate(keys):
-        out = neighbors[i % len(neighbors)]  # the route to this destination
+        out = neighbors[i % len(neighbors)]
         for inside in neighbors:
             # Where the kernel's hash of the two names would put it, near enough.
             k = zlib.crc32(f"{inside}.{out}".encode()) % SHARDS
@@ -80,13 +130,7 @@ def load(nft: Nft, counters: Counters, enforcer: Enforcer, n_neighbors: int,
     for name, elements in by_set.items():
         for start in range(0, len(elements), 2000):
             chunk = ", ".join(elements[start:start + 2000])
-            nft.run(f"add element inet {METER} {name} {{ {chunk} }}")
-    for i, name in enumerate(fake):
-        if i % 2:
-            enforcer.apply(name, Mode.BLOCKED)
-        else:
-            enforcer.apply(name, Mode.THROTTLED, 1_000_000)
-    return len(keys) * len(neighbors)
+            nft.run(f"add element inet {BASELINE} {name} {{ {chunk} }}")
 
 
 def median_time(call: Callable[[], object], samples: int) -> float:
@@ -100,6 +144,27 @@ def median_time(call: Callable[[], object], samples: int) -> float:
 
 def throughput(line: Line, seconds: int) -> float:
     return iperf3(line, B6, "-t", str(seconds))["end"]["sum_received"]["bits_per_second"]
+
+
+def program_runs() -> tuple[int, int]:
+    """Runs and nanoseconds of the BPF programs this process holds (the
+    counters' own), while kernel.bpf_stats_enabled is on."""
+    runs = nanoseconds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if "bpf-prog" not in os.readlink(f"/proc/self/fd/{fd}"):
+                continue
+            info = Path(f"/proc/self/fdinfo/{fd}").read_text()
+        except OSError:  # the listing's own fd, gone
+            continue
+        fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+        runs += int(fields.get("run_cnt", 0))
+        nanoseconds += int(fields.get("run_time_ns", 0))
+    return runs, nanoseconds
+
+
+def bpf_stats(on: bool) -> None:
+    Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1" if on else "0")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -117,33 +182,64 @@ def main(argv: Sequence[str] | None = None) -> None:
         policy = ForwardingPolicy(nft)
         policy.install(SPEC)
         policy.set_tunnels(["v-a", "v-b"])
+        fake = [f"nb{i:02d}" for i in range(args.neighbors - 2)]
+        for name in fake:
+            in_ns(line.r, "ip", "tuntap", "add", "dev", name, "mode", "tun")
+        ifindexes = {link["ifname"]: link["ifindex"]
+                     for link in json.loads(in_ns(line.r, "ip", "-j", "link", "show"))}
+        neighbors = ["v-a", "v-b", *fake]
+        prefixes = destinations(args.destinations)
+        keys = counter_keys(prefixes)
 
         before_kib = meminfo_kib()
         counters, enforcer = Counters(nft), Enforcer(nft)
-        elements = load(nft, counters, enforcer, args.neighbors, args.destinations)
-        state_kib = meminfo_kib() - before_kib
-        chains = {table: nft.run(f"list chain inet {table} {chain}")
-                  for table, chain in HOOKED.items()}
+        counters.set_destinations(prefixes)
+        elements = fill_program(nft, ifindexes, neighbors, keys)
+        program_kib = meminfo_kib() - before_kib
+        for i, name in enumerate(fake):
+            if i % 2:
+                enforcer.apply(name, Mode.BLOCKED)
+            else:
+                enforcer.apply(name, Mode.THROTTLED, 1_000_000)
+        before_kib = meminfo_kib()
+        fill_nft(nft, neighbors, keys, prefixes)
+        nft_kib = meminfo_kib() - before_kib
 
-        def hooked(on: bool) -> None:
-            for table, chain in HOOKED.items():
-                nft.run(chains[table] if on else f"delete chain inet {table} {chain}")
+        def attached(on: bool) -> None:
+            if on:
+                nft.bpf_sweep(force=True)
+                return
+            for dev in ("v-a", "v-b"):
+                in_ns(line.r, "tc", "qdisc", "del", "dev", dev, "clsact")
 
-        with_rules, without = [], []
-        for _ in range(args.rounds):
-            hooked(False)
-            without.append(throughput(line, args.seconds))
-            hooked(True)
-            with_rules.append(throughput(line, args.seconds))
-        on, off = statistics.median(with_rules), statistics.median(without)
+        with_program, without = [], []
+        bpf_stats(True)
+        try:
+            for _ in range(args.rounds):
+                attached(False)
+                without.append(throughput(line, args.seconds))
+                attached(True)
+                with_program.append(throughput(line, args.seconds))
+            runs, nanoseconds = program_runs()
+        finally:
+            bpf_stats(False)
+        on, off = statistics.median(with_program), statistics.median(without)
+        ratio = statistics.median(w / wo for w, wo in zip(with_program, without, strict=True))
         snap = counters.snapshot()
-        assert snap.usage("v-a", B_NET6).rx_bytes > 0, "the counters did not count a -> b"
+        # (1,000,000 of them were filled in.)
+        assert snap.usage("v-a", B_NET6).rx_bytes > 1_000_000, "the program did not count a -> b"
         print(f"bench: forwarding a->b through r (iperf3 TCP, median of {args.rounds} x "
-              f"{args.seconds} s): {on / 1e9:.2f} Gbit/s with counters and enforcement "
-              f"({args.neighbors} neighbors, {args.destinations} destinations), "
-              f"{off / 1e9:.2f} Gbit/s without; ratio {on / off:.3f} (target >= 0.95)")
+              f"{args.seconds} s): {on / 1e9:.2f} Gbit/s with the eBPF counting program "
+              f"({args.neighbors} neighbors, {args.destinations} destinations, enforcement on), "
+              f"{off / 1e9:.2f} Gbit/s without; ratio {ratio:.3f} (target >= 0.95); "
+              f"rounds with {' '.join(f'{r / 1e9:.2f}' for r in with_program)}, without "
+              f"{' '.join(f'{r / 1e9:.2f}' for r in without)}; the program ran "
+              f"{nanoseconds / max(runs, 1):.0f} ns per packet ({runs} runs, "
+              f"{nanoseconds / 1e9 / (args.rounds * args.seconds) * 100:.2f}% of one CPU)")
 
         took = median_time(counters.snapshot, args.samples)
+        baseline = median_time(lambda: parse_usage(nft.usage_dump(BASELINE, SETS, LABEL)),
+                               args.samples)
         listing = median_time(
             lambda: subprocess.run(["ip", "netns", "exec", line.r, "nft", "list", "ruleset"],
                                    check=True, capture_output=True),
@@ -152,11 +248,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"bench: one snapshot of {args.neighbors} neighbors x {args.destinations + 1} "
               f"destinations ({elements} counters): {took * 1e3:.1f} ms median of "
               f"{args.samples}, {took / elements * 1e6:.2f} us per counter (target < 20 ms); "
-              f"`nft list ruleset` subprocess: {listing * 1e3:.1f} ms; "
-              f"ratio {took / listing:.3f}")
-        print(f"bench: kernel memory of that state: {state_kib / 1024:.1f} MiB "
-              f"({state_kib * 1024 / elements:.0f} bytes per counter; growth of "
-              "Slab + Percpu + VmallocUsed in /proc/meminfo while loading it)")
+              f"the nftables path (the same counters in nft sets): {baseline * 1e3:.1f} ms, "
+              f"ratio {took / baseline:.3f}; `nft list ruleset` subprocess: "
+              f"{listing * 1e3:.1f} ms")
+        print(f"bench: kernel memory of that state: {program_kib / 1024:.1f} MiB with the eBPF "
+              f"program ({program_kib * 1024 / elements:.0f} bytes per counter; its array is "
+              f"allocated whole, {SLOTS} counters), {nft_kib / 1024:.1f} MiB in nft sets "
+              f"({nft_kib * 1024 / elements:.0f} bytes per counter; growth of Slab + Percpu + "
+              "VmallocUsed in /proc/meminfo while loading it)")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ def test_bench_prints_its_figures_with_baselines(capsys: pytest.CaptureFixture[s
                           "--rounds", "1", "--samples", "3"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("bench:")]
     assert len(lines) == 3
-    assert "with counters and enforcement" in lines[0] and "ratio" in lines[0]
+    assert "with the eBPF counting program" in lines[0] and "ratio" in lines[0]
     assert "one snapshot of 4 neighbors x 21 destinations (84 counters)" in lines[1]
-    assert "`nft list ruleset` subprocess" in lines[1]
+    assert "the nftables path" in lines[1] and "ratio" in lines[1]
     assert "kernel memory of that state" in lines[2]

@@ -22,9 +22,11 @@ to the same address, is in r's count).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import select
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -35,7 +37,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns
 
-from dataplane.counters import OTHER, Counters, Snapshot, Usage
+from dataplane.counters import FORWARDED, OTHER, Counters, Snapshot, Usage
 from dataplane.enforcement import Enforcer, Mode, limit_name
 from dataplane.policy import ForwardingPolicy, PolicySpec
 from dataplane.shim import Nft
@@ -423,6 +425,159 @@ def test_forget_deletes_a_neighbors_counters(router: Router) -> None:
     assert router.counters.forget("v-a") == 0
 
 
+# -- (a') the eBPF program counts what nft's forward hook would ---------------------
+
+
+NFT_CHECK = """\
+table inet fwd_check {
+\tchain check {
+\t\ttype filter hook forward priority filter + 10; policy accept;
+\t\tiifname "v-a" oifname "v-b" counter
+\t}
+}
+"""
+
+
+def nft_forwarded(line: Line) -> tuple[int, int]:
+    """Packets and bytes the check chain counted a -> b (where nft used to meter)."""
+    with Nft(netns=line.r) as nft:
+        (rule,) = [o["rule"] for o in nft.json("list chain inet fwd_check check") if "rule" in o]
+    (counter,) = [e["counter"] for e in rule["expr"] if "counter" in e]
+    return counter["packets"], counter["bytes"]
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("args", [("-u", "-l", "1200", "-n", "600000", "-b", "50M"),
+                                  ("-t", "2", "-b", "300M")], ids=["udp", "tcp"])
+def test_the_program_counts_what_the_forward_hook_sees(router: Router,
+                                                       args: tuple[str, ...]) -> None:
+    """The same packets and bytes as an nft counter at the old metering
+    chain's place (forward, after policy and enforcement), GSO packets too."""
+    line = router.line
+    with Nft(netns=line.r) as nft:
+        nft.run(NFT_CHECK)
+        try:
+            before = router.counters.snapshot()
+            iperf3(line, B6, *args)
+            wait_for("the check chain and the program agree", lambda: (
+                (router.counters.snapshot().usage("v-a", B_NET6)
+                 - before.usage("v-a", B_NET6))[:2] == nft_forwarded(line)),
+                timeout=10, explain=lambda: f"nft {nft_forwarded(line)}, program "
+                f"{router.counters.snapshot().usage('v-a', B_NET6) - before.usage('v-a', B_NET6)}")
+        finally:
+            nft.run("delete table inet fwd_check")
+
+
+TUN_READER = """\
+import fcntl, json, os, select, struct, sys
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, 0x400454ca, struct.pack("16sH", sys.argv[1].encode(), 0x0001 | 0x1000))
+print("ready", flush=True)
+lengths = []
+while len(lengths) < int(sys.argv[2]) and select.select([fd], [], [], 10)[0]:
+    packet = os.read(fd, 65536)
+    if packet[0] >> 4 == 6 and packet[24:32] == bytes.fromhex(sys.argv[3]):
+        lengths.append(len(packet))
+print(json.dumps(lengths), flush=True)
+"""
+TUN_NET6, TUN_DST6 = "2001:db8:77::/64", "2001:db8:77::1"
+
+
+@pytest.mark.netns
+def test_a_new_l3_interface_is_counted_and_keeps_its_name_when_gone(router: Router) -> None:
+    """A tun device (no link header, like wireguard-go's tunnels) made after
+    the counters were installed: attached on demand, counted in IP bytes as
+    its reader gets them, and still named once it is deleted."""
+    line = router.line
+    ip("-n", line.r, "tuntap", "add", "dev", "tn-x", "mode", "tun")
+    try:
+        router.counters.set_destinations([*DESTINATIONS, TUN_NET6])
+        router.counters.attach_new()
+        reader = subprocess.Popen(
+            ["ip", "netns", "exec", line.r, sys.executable, "-c", TUN_READER, "tn-x", "20",
+             socket.inet_pton(socket.AF_INET6, TUN_DST6)[:8].hex()],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert reader.stdout is not None
+            assert reader.stdout.readline().strip() == "ready"
+            ip("-n", line.r, "link", "set", "tn-x", "up")
+            ip("-n", line.r, "route", "add", TUN_NET6, "dev", "tn-x")
+            ip("-n", line.a, "route", "add", TUN_NET6, "via", R_A6)
+            send_udp(line.a, TUN_DST6, count=20, size=300)
+            lengths = json.loads(reader.stdout.readline())
+        finally:
+            reader.kill()
+            reader.wait()
+        assert lengths == [300 + 8 + 40] * 20
+        usage = router.counters.snapshot().usage("tn-x", TUN_NET6)
+        assert (usage.tx_packets, usage.tx_bytes) == (20, sum(lengths))
+    finally:
+        ip("-n", line.r, "link", "del", "tn-x")
+        subprocess.run(["ip", "-n", line.a, "route", "del", TUN_NET6], capture_output=True)
+    gone = router.counters.snapshot()
+    assert gone.usage("tn-x", TUN_NET6) == usage
+    assert gone.usage("v-a", TUN_NET6).rx_bytes == sum(lengths)
+
+
+@pytest.mark.netns
+def test_an_interface_made_again_under_its_name_counts_on_in_the_same_counter(
+        router: Router) -> None:
+    """Counters are keyed by interface name, as nft's were: a tunnel made
+    anew (a new ifindex) adds to its old counts. (A tun device with no
+    reader drops what it is given, after the egress hook counted it.)"""
+    line, prefix, dst = router.line, "2001:db8:78::/64", "2001:db8:78::1"
+    router.counters.set_destinations([*DESTINATIONS, prefix])
+    ip("-n", line.a, "route", "add", prefix, "via", R_A6)
+    try:
+        for _ in range(2):
+            ip("-n", line.r, "tuntap", "add", "dev", "tn-y", "mode", "tun")
+            ip("-n", line.r, "link", "set", "tn-y", "up")
+            ip("-n", line.r, "route", "add", prefix, "dev", "tn-y")
+            router.counters.attach_new()
+            before = router.counters.snapshot().usage("tn-y", prefix).tx_packets
+            send_udp(line.a, dst, count=5, size=100)
+            wait_for("5 more out of tn-y", lambda b=before: router.counters.snapshot().usage(
+                "tn-y", prefix).tx_packets == b + 5)
+            ip("-n", line.r, "link", "del", "tn-y")
+    finally:
+        subprocess.run(["ip", "-n", line.r, "link", "del", "tn-y"], capture_output=True)
+        subprocess.run(["ip", "-n", line.a, "route", "del", prefix], capture_output=True)
+    snap = router.counters.snapshot()
+    assert snap.usage("tn-y", prefix).tx_bytes == 10 * (100 + 8 + 40)
+    assert [(k.inside, k.outside, k.set_name) for k in snap.elements("tn-y")
+            if k.destination == prefix] == [("v-a", "tn-y", FORWARDED)]
+
+
+@pytest.mark.netns
+def test_a_packet_is_counted_once_at_a_bridge_not_again_at_its_port(router: Router) -> None:
+    """A stacked device's packet passes two egress hooks (the bridge's, then
+    its port's); nft counted it once, with the bridge as its out-interface."""
+    line, prefix, dst = router.line, "2001:db8:79::/64", "2001:db8:79::1"
+    router.counters.set_destinations([*DESTINATIONS, prefix])
+    ip("-n", line.a, "route", "add", prefix, "via", R_A6)
+    try:
+        ip("-n", line.r, "link", "add", "br-x", "type", "bridge")
+        ip("-n", line.r, "link", "add", "brp-x", "type", "veth", "peer", "name", "brq-x")
+        ip("-n", line.r, "link", "set", "brp-x", "master", "br-x")
+        for dev in ("br-x", "brp-x", "brq-x"):
+            ip("-n", line.r, "link", "set", dev, "up")
+        ip("-n", line.r, "route", "add", prefix, "dev", "br-x")
+        ip("-n", line.r, "neigh", "add", dst, "lladdr", "02:00:00:00:00:79", "dev", "br-x",
+           "nud", "permanent")
+        router.counters.attach_new()
+        send_udp(line.a, dst, count=7, size=100)
+        wait_for("7 out of the bridge", lambda: router.counters.snapshot().usage(
+            "br-x", prefix).tx_packets == 7)
+    finally:
+        for dev in ("br-x", "brp-x"):
+            subprocess.run(["ip", "-n", line.r, "link", "del", dev], capture_output=True)
+        subprocess.run(["ip", "-n", line.a, "route", "del", prefix], capture_output=True)
+    snap = router.counters.snapshot()
+    assert snap.usage("br-x", prefix).tx_bytes == 7 * (100 + 8 + 40)
+    assert snap.usage("brp-x", prefix) == Usage()
+    assert snap.usage("v-a", prefix).rx_packets == 7
+
+
 # -- (b) enforcement ------------------------------------------------------------------
 
 
@@ -565,6 +720,23 @@ def test_a_recreated_table_has_a_new_epoch(router: Router) -> None:
         fresh = Counters(nft)
         assert fresh.snapshot().epoch not in ("", epoch)
         assert fresh.destinations() == []
+
+
+@pytest.mark.netns
+def test_spent_counters_fail_loudly_and_a_new_counters_starts_a_new_epoch(
+        router: Router) -> None:
+    """Once a new key found no free element (the program's header went past
+    its array), a snapshot would be short of what was forwarded: it fails,
+    and a Counters made after that starts over under a new epoch."""
+    epoch = router.counters.snapshot().epoch
+    with Nft(netns=router.line.r) as nft:
+        Counters(nft)  # finds the same state
+        with mmap.mmap(nft.bpf_usage_fd(), 64 * 4096) as header:  # meshbpf.c: SLOTS + 1
+            struct.pack_into("=Q", header, 32, (1 << 17) + 1)
+        with pytest.raises(OSError, match="No space left"):
+            router.counters.snapshot()
+        fresh = Counters(nft)
+        assert fresh.snapshot().epoch not in ("", epoch)
 
 
 # -- (d) bad input ------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from dataplane.counters import (
     parse_destinations,
     parse_usage,
     render_destinations,
-    render_forget,
     render_skeleton,
     shard_rules,
 )
@@ -80,12 +79,12 @@ def test_skeleton_spreads_packets_over_the_shards() -> None:
     assert "\t\ttype ifname . ifname . ipv6_addr . mark\n" in script
     assert "\t\ttype ifname . ifname . ipv4_addr . mark\n" in script
     chains = re.findall(r"^\tchain (\S+) \{", script, re.MULTILINE)
-    assert chains == [f"m{k}" for k in range(SHARDS)] + ["metering", "delivered", "originated",
-                                                         "expiring"]
+    # Forwarded traffic is the eBPF program's (dataplane/meshbpf.c): no forward hook.
+    assert chains == [f"m{k}" for k in range(SHARDS)] + ["delivered", "originated", "expiring"]
     assert not {"meter", "fwd", "dst"} & set(chains + list(SETS))  # nft 1.0.6 keywords
-    assert (f"\t\tjhash iifname . oifname mod {SHARDS} vmap {{ 0 : goto m0, 1 : goto m1, "
+    assert (f"jhash iifname . oifname mod {SHARDS} vmap {{ 0 : goto m0, 1 : goto m1, "
             in script)
-    assert "type filter hook forward priority filter + 10; policy accept;" in script
+    assert "hook forward" not in script
     # our own traffic counts on tunnels only, the links' own upkeep not at all
     assert script.count("\t\tip6 daddr { fe80::/10, ff00::/8 } return\n") == 3
     assert '\t\tiifname "mw*" jhash iifname . oifname' in script
@@ -151,26 +150,6 @@ def test_many_destinations_go_in_pieces() -> None:
     adds = [line for line in render_destinations([], wanted).splitlines()
             if line.startswith("add element inet mesh_meter n6_64")]
     assert [line.count(",") + 1 for line in adds] == [500, 500, 200]
-
-
-def test_forget_deletes_keys_set_by_set() -> None:
-    keys = [UsageKey("v-a", "v-b", "u6_3", 6, "2001:db8:b::", 64, None),
-            UsageKey("v-a", "v-c", "u4_1", 4, "0.0.0.0", 255, OTHER),
-            UsageKey("v-b", "v-a", "u6_3", 6, "::", 255, OTHER)]
-    assert render_forget(keys) == (
-        'delete element inet mesh_meter u4_1 { "v-a" . "v-c" . 0.0.0.0 . 255 }\n'
-        'delete element inet mesh_meter u6_3 { "v-a" . "v-b" . 2001:db8:b:: . 64, '
-        '"v-b" . "v-a" . :: . 255 }\n'
-    )
-    assert render_forget([]) == ""
-
-
-def test_forget_leaves_the_routers_own_traffic_which_nft_cannot_name() -> None:
-    own = UsageKey("", "mw1", "u6_2", 6, "2001:db8:8::1", 128, None)
-    other = UsageKey("v-a", "mw1", "u6_2", 6, "2001:db8:8::1", 128, None)
-    assert render_forget([own, other]) == (
-        'delete element inet mesh_meter u6_2 { "v-a" . "mw1" . 2001:db8:8::1 . 128 }\n')
-    assert render_forget([own]) == ""
 
 
 # -- the dump layout (meshdp_usage_dump) -------------------------------------------------
