@@ -19,6 +19,15 @@ from dataplane.shim import Nft
 from services.common.logs import kv
 
 PROBE_INTERFACE = "mwprobe0"
+# What WireGuard adds to each packet it carries over IPv6: the outer IPv6 (40)
+# and UDP (8) headers, and its own header and authentication tag (32).
+OVERHEAD = 80
+# A link's tunnel keeps WireGuard's default MTU, right for a 1500-byte link.
+LINK_MTU = 1420
+# A tunnel that rides inside the mesh's link tunnels (a client's to its exit)
+# must leave room for their overhead: a bigger packet would leave its sender
+# in two IPv6 fragments, twice the packets for the same bytes.
+NESTED_MTU = LINK_MTU - OVERHEAD
 
 
 class WireGuardError(RuntimeError):

@@ -16,7 +16,7 @@ from dataplane.policy import check_ifnames
 from dataplane.shim import Nft
 from services.common.interfaces import EXIT_TUNNEL_PREFIX
 from services.common.logs import kv
-from services.common.wireguard import WireGuard, run
+from services.common.wireguard import NESTED_MTU, WireGuard, run
 
 log = logging.getLogger("exit")
 
@@ -125,7 +125,7 @@ class ExitTunnels:
         self.wireguard.create(name)
         self.wireguard.set(name, ["listen-port", str(port)], self.private_key_b64)
         run(["ip", "-6", "addr", "replace", address, "dev", name])
-        run(["ip", "link", "set", name, "up"])
+        run(["ip", "link", "set", name, "mtu", str(NESTED_MTU), "up"])
 
     def ensure_client_peer(self, name: str, peer_key: bytes, addresses: list[str]) -> None:
         """A client on the exit's tunnel. No keepalives from this end: the
@@ -147,7 +147,7 @@ class ExitTunnels:
                            self.private_key_b64)
         for address in addresses:
             run(["ip", "-6", "addr", "replace", address, "dev", name])
-        run(["ip", "link", "set", name, "up"])
+        run(["ip", "link", "set", name, "mtu", str(NESTED_MTU), "up"])
         source = addresses[0].split("/")[0]
         run(["ip", "-6", "route", "replace", "default", "dev", name, "proto", ROUTE_PROTOCOL,
              "src", source])
