@@ -30,7 +30,12 @@
  *
  * Where this counts differently from nft's forward hook: IPv4 packets
  * without DF that the kernel fragments after `forward` count as their
- * fragments; packets dropped between the two hooks (no neighbour answer)
+ * fragments, and so do IPv6 fragments (conntrack reassembles them before
+ * nft's hooks, the kernel fragments them again before this one), so a
+ * router's own packets that leave in fragments count more at the neighbor
+ * forwarding them than at the router, whose nft output hook sees them
+ * whole (the mesh's own nested tunnels are sized never to fragment:
+ * NESTED_MTU in services/common/wireguard.py); packets dropped between the two hooks (no neighbour answer)
  * count only in nft; interfaces of other link types (GRE, sit, ...) are not
  * counted; a packet passing two egress hooks counts on both when the lower
  * device is neither a port of its master nor given a VLAN tag (macvlan,

@@ -1,7 +1,7 @@
 """Benchmark of the dataplane's usage counters (needs root).
 
     .venv/bin/python -m tests.bench.bench_dataplane [--neighbors 50] [--destinations 1000]
-        [--seconds 3] [--rounds 5] [--samples 20]
+        [--seconds 2] [--rounds 10] [--samples 20]
 
 In namespaces a - r - b (tests/netns/test_metering_dataplane.py), with r's
 forwarding policy on throughout, r is loaded with the state of a busy
@@ -14,7 +14,7 @@ Prints, each against a baseline from the same run:
 
   - iperf3 TCP throughput a -> b through r with the eBPF counting program
     on r's interfaces, against the same path without it: each round runs
-    without, then with, and the ratio is the median of the rounds' ratios
+    both, in alternating order, and the ratio is the median of the rounds' ratios
     (on a machine shared with other work the rounds vary by 4x, so the
     program's own time per packet is printed too, from the kernel's BPF
     run statistics: kernel.bpf_stats_enabled is on during the runs);
@@ -143,7 +143,12 @@ def median_time(call: Callable[[], object], samples: int) -> float:
 
 
 def throughput(line: Line, seconds: int) -> float:
-    return iperf3(line, B6, "-t", str(seconds))["end"]["sum_received"]["bits_per_second"]
+    # The sender (whose CPU also forwards, in softirq) and the receiver each
+    # on their own CPU when there are two: otherwise the scheduler moving
+    # them about varies a run by more than the program costs.
+    pinned = ["-A", "0,1"] if (os.cpu_count() or 1) >= 2 else []
+    result = iperf3(line, B6, "-t", str(seconds), *pinned)
+    return result["end"]["sum_received"]["bits_per_second"]
 
 
 def program_runs() -> tuple[int, int]:
@@ -171,8 +176,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--neighbors", type=int, default=50)
     parser.add_argument("--destinations", type=int, default=1000)
-    parser.add_argument("--seconds", type=int, default=3, help="per iperf3 run")
-    parser.add_argument("--rounds", type=int, default=5, help="iperf3 runs with and without")
+    parser.add_argument("--seconds", type=int, default=2, help="per iperf3 run")
+    parser.add_argument("--rounds", type=int, default=10, help="iperf3 runs with and without")
     parser.add_argument("--samples", type=int, default=20, help="snapshots timed")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -215,11 +220,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         with_program, without = [], []
         bpf_stats(True)
         try:
-            for _ in range(args.rounds):
-                attached(False)
-                without.append(throughput(line, args.seconds))
-                attached(True)
-                with_program.append(throughput(line, args.seconds))
+            for round_ in range(args.rounds):
+                # Which goes first alternates, so that a drift in the
+                # machine's load weighs on both alike.
+                for on in (False, True) if round_ % 2 == 0 else (True, False):
+                    attached(on)
+                    (with_program if on else without).append(throughput(line, args.seconds))
             runs, nanoseconds = program_runs()
         finally:
             bpf_stats(False)
