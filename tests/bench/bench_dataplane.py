@@ -215,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 nft.bpf_sweep(force=True)
                 return
             for dev in ("v-a", "v-b"):
-                in_ns(line.r, "tc", "qdisc", "del", "dev", dev, "clsact")
+                if "clsact" in in_ns(line.r, "tc", "qdisc", "show", "dev", dev):
+                    in_ns(line.r, "tc", "qdisc", "del", "dev", dev, "clsact")
 
         with_program, without = [], []
         bpf_stats(True)

@@ -12,7 +12,7 @@ from tests.conftest import require_root
 def test_bench_prints_its_figures_with_baselines(capsys: pytest.CaptureFixture[str]) -> None:
     require_root()
     bench_dataplane.main(["--neighbors", "4", "--destinations", "20", "--seconds", "1",
-                          "--rounds", "1", "--samples", "3"])
+                          "--rounds", "2", "--samples", "3"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("bench:")]
     assert len(lines) == 3
     assert "with the eBPF counting program" in lines[0] and "ratio" in lines[0]
