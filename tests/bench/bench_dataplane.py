@@ -30,6 +30,7 @@ Prints, each against a baseline from the same run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import mmap
@@ -40,8 +41,10 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 from dataplane.counters import (
     LABEL,
@@ -142,13 +145,68 @@ def median_time(call: Callable[[], object], samples: int) -> float:
     return statistics.median(times)
 
 
-def throughput(line: Line, seconds: int) -> float:
-    # The sender (whose CPU also forwards, in softirq) and the receiver each
-    # on their own CPU when there are two: otherwise the scheduler moving
-    # them about varies a run by more than the program costs.
-    pinned = ["-A", "0,1"] if (os.cpu_count() or 1) >= 2 else []
-    result = iperf3(line, B6, "-t", str(seconds), *pinned)
+def throughput(line: Line, seconds: int, cpus: str) -> float:
+    # iperf3's client (whose CPU also forwards, in softirq) and server pinned
+    # to CPUs (-A client,server): else the scheduler moving them about varies
+    # a run by more than the program costs.
+    result = iperf3(line, B6, "-t", str(seconds), "-A", cpus)
     return result["end"]["sum_received"]["bits_per_second"]
+
+
+def side_by_side(with_program: Line, without: Line, seconds: int) -> tuple[float, float]:
+    """Throughput of the two paths, measured at the same time: a machine
+    shared with other work varies from one run to the next by more than the
+    program costs, but it slows two runs at the same time alike."""
+    two_cpus = (os.cpu_count() or 1) >= 2
+    with ThreadPoolExecutor(2) as pool:
+        on = pool.submit(throughput, with_program, seconds, "0,1" if two_cpus else "0,0")
+        off = pool.submit(throughput, without, seconds, "1,0" if two_cpus else "0,0")
+        return on.result(), off.result()
+
+
+class Relay(NamedTuple):
+    line: Line
+    nft: Nft
+    counters: Counters
+    elements: int  # counters filled in
+    program_kib: int  # kernel memory the program's state took
+
+
+@contextlib.contextmanager
+def busy_relay(tag: str, neighbors: int, prefixes: list[str]) -> Iterator[Relay]:
+    """a - r - b, with r's forwarding policy on and the program's state of a
+    busy router: every neighbor has sent to every destination, and every
+    made-up neighbor is throttled or blocked."""
+    with a_r_b(tag) as line, Nft(netns=line.r) as nft:
+        policy = ForwardingPolicy(nft)
+        policy.install(SPEC)
+        policy.set_tunnels(["v-a", "v-b"])
+        fake = [f"nb{i:02d}" for i in range(neighbors - 2)]
+        for name in fake:
+            in_ns(line.r, "ip", "tuntap", "add", "dev", name, "mode", "tun")
+        ifindexes = {link["ifname"]: link["ifindex"]
+                     for link in json.loads(in_ns(line.r, "ip", "-j", "link", "show"))}
+        before_kib = meminfo_kib()
+        counters, enforcer = Counters(nft), Enforcer(nft)
+        counters.set_destinations(prefixes)
+        elements = fill_program(nft, ifindexes, ["v-a", "v-b", *fake], counter_keys(prefixes))
+        program_kib = meminfo_kib() - before_kib
+        for i, name in enumerate(fake):
+            if i % 2:
+                enforcer.apply(name, Mode.BLOCKED)
+            else:
+                enforcer.apply(name, Mode.THROTTLED, 1_000_000)
+        yield Relay(line, nft, counters, elements, program_kib)
+
+
+def attach(relay: Relay, on: bool) -> None:
+    """The program on r's two veths, or neither."""
+    if on:
+        relay.nft.bpf_sweep(force=True)
+        return
+    for dev in ("v-a", "v-b"):
+        if "clsact" in in_ns(relay.line.r, "tc", "qdisc", "show", "dev", dev):
+            in_ns(relay.line.r, "tc", "qdisc", "del", "dev", dev, "clsact")
 
 
 def program_runs() -> tuple[int, int]:
@@ -183,63 +241,44 @@ def main(argv: Sequence[str] | None = None) -> None:
     if os.geteuid() != 0:
         sys.exit("bench_dataplane needs root (network namespaces)")
 
-    with a_r_b(f"bd{os.getpid() % 100000}") as line, Nft(netns=line.r) as nft:
-        policy = ForwardingPolicy(nft)
-        policy.install(SPEC)
-        policy.set_tunnels(["v-a", "v-b"])
-        fake = [f"nb{i:02d}" for i in range(args.neighbors - 2)]
-        for name in fake:
-            in_ns(line.r, "ip", "tuntap", "add", "dev", name, "mode", "tun")
-        ifindexes = {link["ifname"]: link["ifindex"]
-                     for link in json.loads(in_ns(line.r, "ip", "-j", "link", "show"))}
-        neighbors = ["v-a", "v-b", *fake]
-        prefixes = destinations(args.destinations)
-        keys = counter_keys(prefixes)
-
+    tag = f"bd{os.getpid() % 100000}"
+    prefixes = destinations(args.destinations)
+    with busy_relay(f"{tag}x", args.neighbors, prefixes) as relay, \
+            busy_relay(f"{tag}y", args.neighbors, prefixes) as twin:
+        line, nft, counters, elements = relay.line, relay.nft, relay.counters, relay.elements
+        neighbors = ["v-a", "v-b", *(f"nb{i:02d}" for i in range(args.neighbors - 2))]
         before_kib = meminfo_kib()
-        counters, enforcer = Counters(nft), Enforcer(nft)
-        counters.set_destinations(prefixes)
-        elements = fill_program(nft, ifindexes, neighbors, keys)
-        program_kib = meminfo_kib() - before_kib
-        for i, name in enumerate(fake):
-            if i % 2:
-                enforcer.apply(name, Mode.BLOCKED)
-            else:
-                enforcer.apply(name, Mode.THROTTLED, 1_000_000)
-        before_kib = meminfo_kib()
-        fill_nft(nft, neighbors, keys, prefixes)
+        fill_nft(nft, neighbors, counter_keys(prefixes), prefixes)
         nft_kib = meminfo_kib() - before_kib
-
-        def attached(on: bool) -> None:
-            if on:
-                nft.bpf_sweep(force=True)
-                return
-            for dev in ("v-a", "v-b"):
-                if "clsact" in in_ns(line.r, "tc", "qdisc", "show", "dev", dev):
-                    in_ns(line.r, "tc", "qdisc", "del", "dev", dev, "clsact")
 
         with_program, without = [], []
         bpf_stats(True)
         try:
             for round_ in range(args.rounds):
-                # Which goes first alternates, so that a drift in the
-                # machine's load weighs on both alike.
-                for on in (False, True) if round_ % 2 == 0 else (True, False):
-                    attached(on)
-                    (with_program if on else without).append(throughput(line, args.seconds))
+                # The program goes from one relay to the other each round, so
+                # that any difference between the two paths weighs on both.
+                on, off = (relay, twin) if round_ % 2 == 0 else (twin, relay)
+                attach(on, True)
+                attach(off, False)
+                rates = side_by_side(on.line, off.line, args.seconds)
+                with_program.append(rates[0])
+                without.append(rates[1])
             runs, nanoseconds = program_runs()
         finally:
             bpf_stats(False)
-        on, off = statistics.median(with_program), statistics.median(without)
+        rate_on, rate_off = statistics.median(with_program), statistics.median(without)
         ratio = statistics.median(w / wo for w, wo in zip(with_program, without, strict=True))
         snap = counters.snapshot()
         # (1,000,000 of them were filled in.)
         assert snap.usage("v-a", B_NET6).rx_bytes > 1_000_000, "the program did not count a -> b"
-        print(f"bench: forwarding a->b through r (iperf3 TCP, median of {args.rounds} x "
-              f"{args.seconds} s): {on / 1e9:.2f} Gbit/s with the eBPF counting program "
-              f"({args.neighbors} neighbors, {args.destinations} destinations, enforcement on), "
-              f"{off / 1e9:.2f} Gbit/s without; ratio {ratio:.3f} (target >= 0.95); "
-              f"rounds with {' '.join(f'{r / 1e9:.2f}' for r in with_program)}, without "
+        print(f"bench: forwarding a->b through r (iperf3 TCP, {args.rounds} rounds of "
+              f"{args.seconds} s, each a path with the program and a twin without, "
+              "at the same time): "
+              f"{rate_on / 1e9:.2f} Gbit/s with the eBPF counting program ({args.neighbors} "
+              f"neighbors, {args.destinations} destinations, enforcement on), "
+              f"{rate_off / 1e9:.2f} Gbit/s without (medians); ratio {ratio:.3f} (median of the "
+              f"rounds'; target >= 0.95); rounds with "
+              f"{' '.join(f'{r / 1e9:.2f}' for r in with_program)}, without "
               f"{' '.join(f'{r / 1e9:.2f}' for r in without)}; the program ran "
               f"{nanoseconds / max(runs, 1):.0f} ns per packet ({runs} runs, "
               f"{nanoseconds / 1e9 / (args.rounds * args.seconds) * 100:.2f}% of one CPU)")
@@ -258,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"the nftables path (the same counters in nft sets): {baseline * 1e3:.1f} ms, "
               f"ratio {took / baseline:.3f}; `nft list ruleset` subprocess: "
               f"{listing * 1e3:.1f} ms")
+        program_kib = relay.program_kib
         print(f"bench: kernel memory of that state: {program_kib / 1024:.1f} MiB with the eBPF "
               f"program ({program_kib * 1024 / elements:.0f} bytes per counter; its array is "
               f"allocated whole, {SLOTS} counters), {nft_kib / 1024:.1f} MiB in nft sets "
