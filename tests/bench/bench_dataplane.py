@@ -3,7 +3,8 @@
     .venv/bin/python -m tests.bench.bench_dataplane [--neighbors 50] [--destinations 1000]
         [--seconds 2] [--rounds 10] [--samples 20]
 
-In namespaces a - r - b (tests/netns/test_metering_dataplane.py), with r's
+In namespaces a - r - b (tests/netns/test_metering_dataplane.py), twice
+(the twin is the throughput's baseline), with r's
 forwarding policy on throughout, r is loaded with the state of a busy
 router: `--destinations` prefixes (b's among them), and `--neighbors`
 neighbors (a, b and made-up ones: tun devices, like tunnels) each of which has sent
@@ -13,11 +14,13 @@ gets), and every made-up neighbor throttled or blocked (a and b are open).
 Prints, each against a baseline from the same run:
 
   - iperf3 TCP throughput a -> b through r with the eBPF counting program
-    on r's interfaces, against the same path without it: each round runs
-    both, in alternating order, and the ratio is the median of the rounds' ratios
-    (on a machine shared with other work the rounds vary by 4x, so the
-    program's own time per packet is printed too, from the kernel's BPF
-    run statistics: kernel.bpf_stats_enabled is on during the runs);
+    on r's interfaces, against the twin path without it, both at the same
+    time (on a machine shared with other work one run differs from the next
+    by more than the program costs; two at once see the same load), the
+    program moving to the other relay each round; the ratio is the median
+    of the rounds' ratios. The program's own time per packet is printed
+    too, from the kernel's BPF run statistics (kernel.bpf_stats_enabled is
+    on during the runs);
   - the time of one snapshot of that state (median of --samples), against
     the nftables path it replaced: the same counters as elements of the
     sharded nft sets, read by meshdp_usage_dump (and a plain `nft list
