@@ -173,16 +173,22 @@ static void load_map(struct program *p, int reg, int fd)
 	emit(p, INSN(0, 0, 0, 0, 0));
 }
 
+/* r0 = the value of the key at fp+key in map fd; a miss jumps to `missing`. */
+static void lookup(struct program *p, int fd, int key, int missing)
+{
+	load_map(p, BPF_REG_1, fd);
+	emit(p, MOV_REG(BPF_REG_2, BPF_REG_10));
+	emit(p, ADD_IMM(BPF_REG_2, key));
+	emit(p, CALL(BPF_FUNC_map_lookup_elem));
+	jump(p, JEQ(BPF_REG_0, 0), missing);
+}
+
 /* Stores the interface id of the ifindex in r2 at fp+off (uses r8). */
 static void interface_id(struct program *p, const struct meshbpf *b, int off, int raw, int done)
 {
 	emit(p, MOV_REG(BPF_REG_8, BPF_REG_2));
 	emit(p, STX(BPF_W, BPF_REG_10, BPF_REG_2, -40));
-	load_map(p, BPF_REG_1, b->ifids);
-	emit(p, MOV_REG(BPF_REG_2, BPF_REG_10));
-	emit(p, ADD_IMM(BPF_REG_2, -40));
-	emit(p, CALL(BPF_FUNC_map_lookup_elem));
-	jump(p, JEQ(BPF_REG_0, 0), raw);
+	lookup(p, b->ifids, -40, raw);
 	emit(p, LDX(BPF_W, BPF_REG_1, BPF_REG_0, 0));
 	jump(p, JEQ(BPF_REG_1, 0), raw);
 	emit(p, STX(BPF_W, BPF_REG_10, BPF_REG_1, off));
@@ -193,12 +199,33 @@ static void interface_id(struct program *p, const struct meshbpf *b, int off, in
 	place(p, done);
 }
 
-/* Puts the element index held at fp-40 in r2 (for a lookup in map fd). */
-static void element_key(struct program *p, int fd)
+
+/* Looks the key (fp-32) up in the index: its element's index to fp-40, or
+ * a jump to `missing`. */
+static void find_element(struct program *p, const struct meshbpf *b, int missing)
 {
-	load_map(p, BPF_REG_1, fd);
-	emit(p, MOV_REG(BPF_REG_2, BPF_REG_10));
-	emit(p, ADD_IMM(BPF_REG_2, -40));
+	lookup(p, b->index, -32, missing);
+	emit(p, LDX(BPF_W, BPF_REG_1, BPF_REG_0, 0));
+	emit(p, STX(BPF_W, BPF_REG_10, BPF_REG_1, -40));
+}
+
+/* Sets the key's family, copies the destination address (at `offset` in the
+ * IP header) into the LPM lookup key with the family's full length, and
+ * puts the family's trie in r1; a packet too short goes out uncounted. */
+static void destination(struct program *p, int hdr, int family, int offset, int lpm)
+{
+	int size = family == 6 ? 16 : 4;
+
+	emit(p, ST(BPF_W, BPF_REG_10, -24, family));
+	emit(p, ST(BPF_W, BPF_REG_10, -56, size * 8));
+	emit(p, MOV_REG(BPF_REG_1, BPF_REG_6));
+	emit(p, MOV_IMM(BPF_REG_2, hdr + offset));
+	emit(p, MOV_REG(BPF_REG_3, BPF_REG_10));
+	emit(p, ADD_IMM(BPF_REG_3, -52));
+	emit(p, MOV_IMM(BPF_REG_4, size));
+	emit(p, CALL(BPF_FUNC_skb_load_bytes));
+	jump(p, JNE(BPF_REG_0, 0), L_OUT);
+	load_map(p, BPF_REG_1, lpm);
 }
 
 /*
@@ -231,30 +258,12 @@ static void assemble(struct program *p, const struct meshbpf *b, int hdr)
 	jump(p, JNE(BPF_REG_2, htons(ETH_P_IP)), L_OUT);
 
 	/* IPv4: the destination address is at 16 in the header. */
-	emit(p, ST(BPF_W, BPF_REG_10, -24, 4));
-	emit(p, ST(BPF_W, BPF_REG_10, -56, 32));
-	emit(p, MOV_REG(BPF_REG_1, BPF_REG_6));
-	emit(p, MOV_IMM(BPF_REG_2, hdr + 16));
-	emit(p, MOV_REG(BPF_REG_3, BPF_REG_10));
-	emit(p, ADD_IMM(BPF_REG_3, -52));
-	emit(p, MOV_IMM(BPF_REG_4, 4));
-	emit(p, CALL(BPF_FUNC_skb_load_bytes));
-	jump(p, JNE(BPF_REG_0, 0), L_OUT);
-	load_map(p, BPF_REG_1, b->lpm4);
+	destination(p, hdr, 4, 16, b->lpm4);
 	jump(p, JA, L_LOOKUP);
 
 	/* IPv6: at 24. */
 	place(p, L_V6);
-	emit(p, ST(BPF_W, BPF_REG_10, -24, 6));
-	emit(p, ST(BPF_W, BPF_REG_10, -56, 128));
-	emit(p, MOV_REG(BPF_REG_1, BPF_REG_6));
-	emit(p, MOV_IMM(BPF_REG_2, hdr + 24));
-	emit(p, MOV_REG(BPF_REG_3, BPF_REG_10));
-	emit(p, ADD_IMM(BPF_REG_3, -52));
-	emit(p, MOV_IMM(BPF_REG_4, 16));
-	emit(p, CALL(BPF_FUNC_skb_load_bytes));
-	jump(p, JNE(BPF_REG_0, 0), L_OUT);
-	load_map(p, BPF_REG_1, b->lpm6);
+	destination(p, hdr, 6, 24, b->lpm6);
 
 	place(p, L_LOOKUP);
 	emit(p, MOV_REG(BPF_REG_2, BPF_REG_10));
@@ -267,17 +276,9 @@ static void assemble(struct program *p, const struct meshbpf *b, int hdr)
 	}
 
 	place(p, L_COUNT);
-	load_map(p, BPF_REG_1, b->index);
-	emit(p, MOV_REG(BPF_REG_2, BPF_REG_10));
-	emit(p, ADD_IMM(BPF_REG_2, -32));
-	emit(p, CALL(BPF_FUNC_map_lookup_elem));
-	jump(p, JEQ(BPF_REG_0, 0), L_NEW);
-	emit(p, LDX(BPF_W, BPF_REG_1, BPF_REG_0, 0));
-	emit(p, STX(BPF_W, BPF_REG_10, BPF_REG_1, -40));
+	find_element(p, b, L_NEW);
 	place(p, L_SLOT);
-	element_key(p, b->usage);
-	emit(p, CALL(BPF_FUNC_map_lookup_elem));
-	jump(p, JEQ(BPF_REG_0, 0), L_OUT);
+	lookup(p, b->usage, -40, L_OUT);
 	place(p, L_ADD);
 	emit(p, MOV_IMM(BPF_REG_1, 1));
 	emit(p, ATOMIC_ADD(BPF_REG_0, BPF_REG_1, offsetof(struct meshbpf_slot, value.packets)));
@@ -287,16 +288,12 @@ static void assemble(struct program *p, const struct meshbpf *b, int hdr)
 	/* A new key: take the next element (full: not counted). */
 	place(p, L_NEW);
 	emit(p, ST(BPF_W, BPF_REG_10, -40, 0));
-	element_key(p, b->usage);
-	emit(p, CALL(BPF_FUNC_map_lookup_elem));
-	jump(p, JEQ(BPF_REG_0, 0), L_OUT);
+	lookup(p, b->usage, -40, L_OUT);
 	emit(p, MOV_IMM(BPF_REG_8, 1));
 	emit(p, FETCH_ADD(BPF_REG_0, BPF_REG_8, offsetof(struct meshbpf_slot, value.packets)));
 	jump(p, JGE(BPF_REG_8, SLOTS), L_OUT);
 	emit(p, STX(BPF_W, BPF_REG_10, BPF_REG_8, -40));
-	element_key(p, b->usage);
-	emit(p, CALL(BPF_FUNC_map_lookup_elem));
-	jump(p, JEQ(BPF_REG_0, 0), L_OUT);
+	lookup(p, b->usage, -40, L_OUT);
 	emit(p, MOV_REG(BPF_REG_9, BPF_REG_0));
 	for (i = 0; i < (int)sizeof(struct meshbpf_key); i += 4) {
 		if (i == offsetof(struct meshbpf_key, family))
@@ -321,13 +318,7 @@ static void assemble(struct program *p, const struct meshbpf *b, int hdr)
 	/* Another CPU indexed the same key first: count in its element (ours
 	 * stays hidden, unused). */
 	place(p, L_RACE);
-	load_map(p, BPF_REG_1, b->index);
-	emit(p, MOV_REG(BPF_REG_2, BPF_REG_10));
-	emit(p, ADD_IMM(BPF_REG_2, -32));
-	emit(p, CALL(BPF_FUNC_map_lookup_elem));
-	jump(p, JEQ(BPF_REG_0, 0), L_OUT);
-	emit(p, LDX(BPF_W, BPF_REG_1, BPF_REG_0, 0));
-	emit(p, STX(BPF_W, BPF_REG_10, BPF_REG_1, -40));
+	find_element(p, b, L_OUT);
 	jump(p, JA, L_SLOT);
 
 	place(p, L_OUT);
