@@ -71,7 +71,7 @@ class KernelRoutes:
                 continue
             try:
                 self._replace(route)
-            except NetlinkError:
+            except (NetlinkError, OSError):  # OSError: no interface of that name
                 failed.append(prefix)
         return failed
 
