@@ -184,12 +184,17 @@ def _label_key(version: int, address: str, length: int) -> str:
 LINK_SCOPED = "ip6 daddr { fe80::/10, ff00::/8 } return"
 
 
-def _skeleton(fingerprint: str, local: str) -> str:
-    sets = "".join(
+def usage_sets() -> str:
+    """The declarations of the usage sets (SETS), for inside a table."""
+    return "".join(
         f"\tset u{version}_{k} {{\n\t\ttype ifname . ifname . {_addr_type(version)} . mark\n"
         f"\t\tsize {SHARD_SIZE}\n\t\tflags dynamic\n\t\tcounter\n\t}}\n"
         for version in (6, 4) for k in range(SHARDS)
     )
+
+
+def _skeleton(fingerprint: str, local: str) -> str:
+    sets = usage_sets()
     chains = "".join(
         f"\tchain m{k} {{\n" + "".join(f"\t\t{rule}\n" for rule in shard_rules(k, [])) + "\t}\n"
         for k in range(SHARDS)
@@ -454,11 +459,6 @@ class Counters:
             self._nft.bpf_open(create=True)
             # The prefixes go with the table's labels, which are new: none.
             return True
-
-    def attach_new(self) -> None:
-        """Attach the counting program to interfaces made since the last
-        snapshot now: call it after making a tunnel, before it forwards."""
-        self._nft.bpf_sweep()
 
     def snapshot(self) -> Snapshot:
         """Every counter, as of one ruleset generation (one read of every

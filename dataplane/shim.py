@@ -200,7 +200,8 @@ class Nft:
         return self._bpf("delete", interface.encode() if interface is not None else None)
 
     def bpf_usage_fd(self) -> int:
-        """The forwarded counters' map (a hash of meshbpf_key -> meshbpf_value)."""
+        """The forwarded counters' array, mmappable: struct meshbpf_slot elements,
+        element 0 the header (dataplane/meshbpf.h)."""
         return self._bpf("usage_fd")
 
     def _bpf(self, call: str, *args: object) -> int:

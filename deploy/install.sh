@@ -26,6 +26,7 @@ debian_packages=(
     gcc
     make
     libnftables-dev   # the dataplane shim links libnftables
+    linux-libc-dev    # the kernel's headers: the eBPF counters (linux/bpf.h, rtnetlink)
     pkg-config
     babeld            # interop tests: a stock Babel speaker beside ours
     tshark            # interop tests: decode what we send (non-root capture stays off)

@@ -57,6 +57,7 @@ from dataplane.counters import (
     Counters,
     parse_destinations,
     parse_usage,
+    usage_sets,
 )
 from dataplane.enforcement import Enforcer, Mode
 from dataplane.policy import ForwardingPolicy
@@ -115,12 +116,7 @@ def fill_program(nft: Nft, ifindexes: dict[str, int], neighbors: list[str],
 
 def fill_nft(nft: Nft, neighbors: list[str], keys: list[Key], prefixes: list[str]) -> None:
     """The same counters in the nftables path's sets (a table of their own)."""
-    sets = "".join(
-        f"\tset u{version}_{k} {{\n\t\ttype ifname . ifname . "
-        f"{'ipv6_addr' if version == 6 else 'ipv4_addr'} . mark\n"
-        "\t\tsize 65536\n\t\tflags dynamic\n\t\tcounter\n\t}\n"
-        for version in (6, 4) for k in range(SHARDS))
-    nft.run(f"table inet {BASELINE} {{\n{sets}}}\n")
+    nft.run(f"table inet {BASELINE} {{\n{usage_sets()}}}\n")
     by_set: dict[str, list[str]] = {
         "u6_0": [f'"{LABEL}" . "{LABEL}" . :: . {OTHER_LEN} comment "epoch baseline"']}
     for n in parse_destinations(prefixes):
@@ -171,6 +167,7 @@ class Relay(NamedTuple):
     line: Line
     nft: Nft
     counters: Counters
+    neighbors: list[str]  # r's interfaces: v-a, v-b and the made-up ones
     elements: int  # counters filled in
     program_kib: int  # kernel memory the program's state took
 
@@ -189,17 +186,18 @@ def busy_relay(tag: str, neighbors: int, prefixes: list[str]) -> Iterator[Relay]
             in_ns(line.r, "ip", "tuntap", "add", "dev", name, "mode", "tun")
         ifindexes = {link["ifname"]: link["ifindex"]
                      for link in json.loads(in_ns(line.r, "ip", "-j", "link", "show"))}
+        neighbors = ["v-a", "v-b", *fake]
         before_kib = meminfo_kib()
         counters, enforcer = Counters(nft), Enforcer(nft)
         counters.set_destinations(prefixes)
-        elements = fill_program(nft, ifindexes, ["v-a", "v-b", *fake], counter_keys(prefixes))
+        elements = fill_program(nft, ifindexes, neighbors, counter_keys(prefixes))
         program_kib = meminfo_kib() - before_kib
         for i, name in enumerate(fake):
             if i % 2:
                 enforcer.apply(name, Mode.BLOCKED)
             else:
                 enforcer.apply(name, Mode.THROTTLED, 1_000_000)
-        yield Relay(line, nft, counters, elements, program_kib)
+        yield Relay(line, nft, counters, neighbors, elements, program_kib)
 
 
 def attach(relay: Relay, on: bool) -> None:
@@ -249,9 +247,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with busy_relay(f"{tag}x", args.neighbors, prefixes) as relay, \
             busy_relay(f"{tag}y", args.neighbors, prefixes) as twin:
         line, nft, counters, elements = relay.line, relay.nft, relay.counters, relay.elements
-        neighbors = ["v-a", "v-b", *(f"nb{i:02d}" for i in range(args.neighbors - 2))]
         before_kib = meminfo_kib()
-        fill_nft(nft, neighbors, counter_keys(prefixes), prefixes)
+        fill_nft(nft, relay.neighbors, counter_keys(prefixes), prefixes)
         nft_kib = meminfo_kib() - before_kib
 
         with_program, without = [], []

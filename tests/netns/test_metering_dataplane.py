@@ -37,7 +37,14 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns
 
-from dataplane.counters import FORWARDED, OTHER, Counters, Snapshot, Usage
+from dataplane.counters import (
+    FORWARDED,
+    OTHER,
+    Counters,
+    Snapshot,
+    Usage,
+    count_new_interfaces,
+)
 from dataplane.enforcement import Enforcer, Mode, limit_name
 from dataplane.policy import ForwardingPolicy, PolicySpec
 from dataplane.shim import Nft
@@ -483,6 +490,13 @@ print(json.dumps(lengths), flush=True)
 TUN_NET6, TUN_DST6 = "2001:db8:77::/64", "2001:db8:77::1"
 
 
+def interfaces_made(line: Line) -> None:
+    """What link and exit do after making a tunnel (services/common/wireguard.py),
+    from a process of their own: the program on every interface new since."""
+    with Nft(netns=line.r) as nft:
+        count_new_interfaces(nft)
+
+
 @pytest.mark.netns
 def test_a_new_l3_interface_is_counted_and_keeps_its_name_when_gone(router: Router) -> None:
     """A tun device (no link header, like wireguard-go's tunnels) made after
@@ -492,7 +506,7 @@ def test_a_new_l3_interface_is_counted_and_keeps_its_name_when_gone(router: Rout
     ip("-n", line.r, "tuntap", "add", "dev", "tn-x", "mode", "tun")
     try:
         router.counters.set_destinations([*DESTINATIONS, TUN_NET6])
-        router.counters.attach_new()
+        interfaces_made(line)
         reader = subprocess.Popen(
             ["ip", "netns", "exec", line.r, sys.executable, "-c", TUN_READER, "tn-x", "20",
              socket.inet_pton(socket.AF_INET6, TUN_DST6)[:8].hex()],
@@ -533,7 +547,7 @@ def test_an_interface_made_again_under_its_name_counts_on_in_the_same_counter(
             ip("-n", line.r, "tuntap", "add", "dev", "tn-y", "mode", "tun")
             ip("-n", line.r, "link", "set", "tn-y", "up")
             ip("-n", line.r, "route", "add", prefix, "dev", "tn-y")
-            router.counters.attach_new()
+            interfaces_made(line)
             before = router.counters.snapshot().usage("tn-y", prefix).tx_packets
             send_udp(line.a, dst, count=5, size=100)
             wait_for("5 more out of tn-y", lambda b=before: router.counters.snapshot().usage(
@@ -564,7 +578,7 @@ def test_a_packet_is_counted_once_at_a_bridge_not_again_at_its_port(router: Rout
         ip("-n", line.r, "route", "add", prefix, "dev", "br-x")
         ip("-n", line.r, "neigh", "add", dst, "lladdr", "02:00:00:00:00:79", "dev", "br-x",
            "nud", "permanent")
-        router.counters.attach_new()
+        interfaces_made(line)
         send_udp(line.a, dst, count=7, size=100)
         wait_for("7 out of the bridge", lambda: router.counters.snapshot().usage(
             "br-x", prefix).tx_packets == 7)
