@@ -22,6 +22,7 @@ from .ledger import (
     Thresholds,
     balance,
     delta,
+    drop_idle_retracted,
     enforcement_for,
     our_price,
     their_price,
@@ -53,7 +54,10 @@ def on_route_changed(
 ) -> list[Outgoing]:
     route = event.payload
     if route.change == route_pb2.ROUTE_CHANGE_RETRACTED:
-        state.routes.pop(route.prefix, None)
+        if route.prefix in state.routes:
+            held = state.routes[route.prefix]
+            held.retracted = True
+            held.samples_retracted = 0
         return []
     try:
         price = amount(route.path_price)  # what the next hop charges us
@@ -122,6 +126,7 @@ def make_handlers(policy: Policy) -> Mapping[type[Message], Handler[Any]]:
     ) -> list[Outgoing]:
         by_tunnel = {ledger.tunnel_interface: name for name, ledger in state.ledgers.items()}
         out: list[Outgoing] = []
+        moved: set[str] = set()
         for sample in event.payload.neighbors:
             neighbor = by_tunnel.get(sample.tunnel_interface)
             if neighbor is None:
@@ -137,6 +142,7 @@ def make_handlers(policy: Policy) -> Mapping[type[Message], Handler[Any]]:
                 usage.counters_reset |= rx_reset or tx_reset
                 if not rx and not tx:
                     continue
+                moved.add(dest.prefix)
                 rx_price = our_price(state, dest.prefix)
                 tx_price = their_price(state, neighbor, dest.prefix,
                                        policy.default_neighbor_price)
@@ -159,6 +165,7 @@ def make_handlers(policy: Policy) -> Mapping[type[Message], Handler[Any]]:
             c, o, r, s = totals(ledger)
             out += decide(state, neighbor, meter_pb2.DEBT_CAUSE_USAGE, c + charged, o + owed,
                           r, s)
+        drop_idle_retracted(state, moved)
         return out
 
     def credit(state: meter_pb2.MeterState, payment: pay_pb2.PaymentReceived

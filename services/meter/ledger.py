@@ -15,6 +15,10 @@ from mesh.meter.v1 import meter_pb2
 
 from services.common.money import amount, money
 
+# A retracted route's prefix is still counted and priced as it was for up to
+# this many samples, while bytes to it keep coming (TCP resending into a
+# route that flapped): its first sample without any ends it sooner.
+RETRACTED_HOLD_SAMPLES = 10
 MAX_SANE_PRICE = 10**15  # wei per byte: 10^21 wei (1,000 ETH) per megabyte is absurd
 OTHER = "other"  # the counters' bucket for destinations with no known prefix
 
@@ -41,6 +45,17 @@ def delta(counter: int, previous: int) -> tuple[int, bool]:
     if counter < previous:
         return counter, True
     return counter - previous, False
+
+
+def drop_idle_retracted(state: meter_pb2.MeterState, moved: set[str]) -> None:
+    """After a sample: forget the retracted routes no byte went to in it, and
+    those held long enough (their prefixes then stop being counted)."""
+    for prefix, route in list(state.routes.items()):
+        if not route.retracted:
+            continue
+        route.samples_retracted += 1
+        if prefix not in moved or route.samples_retracted >= RETRACTED_HOLD_SAMPLES:
+            del state.routes[prefix]
 
 
 def our_price(state: meter_pb2.MeterState, prefix: str) -> int:

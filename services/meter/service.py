@@ -4,6 +4,7 @@ reconciler, the automatic price, and the MeterControl gRPC service."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -86,6 +87,7 @@ class Meter:
         self.automatic = self.settings.pricing == "automatic"
         self.util = 0.0
         self.unbilled: set[str] = set()
+        self.counted: set[str] | None = None  # the prefixes the kernel counts by
 
     async def set_price(self, price: int, automatic: bool, util: float = 0.0) -> None:
         previous = self.rt.state.price.price
@@ -107,6 +109,24 @@ class Meter:
                 log.info(kv("usage.unbilled", interface=name,
                             why="no LinkUp names it: its traffic is counted, not billed"))
 
+    async def set_destinations(self, prefixes: set[str]) -> None:
+        if prefixes != self.counted:
+            await asyncio.to_thread(self.dataplane.set_destinations, prefixes)
+            self.counted = prefixes
+
+    async def count_new_destinations(self, until: float) -> None:
+        """Until the next sample is due: count each new route's prefix as soon
+        as its RouteChanged is handled. Bytes to it before that would count as
+        `other`, priced unlike the neighbor at the other end prices them."""
+        while True:
+            version = self.rt.changes.version
+            await self.set_destinations((self.counted or set()) | set(self.rt.state.routes))
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.rt.changes.wait_past(version), left)
+
     async def run(self) -> None:
         state = self.rt.state
         configured = self.settings.price
@@ -119,9 +139,11 @@ class Meter:
         last_totals: dict[str, int] = {}
         last_time = time.monotonic()
         while True:
-            await asyncio.sleep(self.settings.sample_interval)
-            self.dataplane.set_destinations(state.routes.keys())
+            await self.count_new_destinations(last_time + self.settings.sample_interval)
             sample = await asyncio.to_thread(self.dataplane.sample)
+            # Only now that what they counted is in a sample: forgotten
+            # (retracted, then idle) destinations stop being counted.
+            await self.set_destinations(set(state.routes))
             encoded = sample.SerializeToString(deterministic=True)
             if encoded != last_sample:
                 last_sample = encoded

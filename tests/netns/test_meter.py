@@ -25,6 +25,7 @@ from deploy.emulator.topology import Topology
 from deploy.meshctl import client
 from services.common.money import amount
 from services.meter.ledger import balance
+from services.route.babel.codec import PORT as BABEL_PORT
 from tests.conftest import require_root, wait_for
 from tests.netns.probes import ping6
 from tests.netns.test_links import (
@@ -34,7 +35,7 @@ from tests.netns.test_links import (
     wait_all_linked,
     wait_for_traffic,
 )
-from tests.netns.test_route import reaches
+from tests.netns.test_route import reaches, via
 
 pytestmark = [pytest.mark.netns, pytest.mark.emulator]
 
@@ -314,8 +315,8 @@ def routed_line(tmp_path: Path, r2_meter: dict[str, object]) -> Iterator[Emulate
         r3 = f"{emulated.fabric.nodes['r3'].ipv6}/128"
         wait_for("r1 to reach r3 over Babel's routes", lambda: reaches(emulated, "r1", "r3"),
                  timeout=90)
-        # The kernel counts per destination once meter's next sample has put
-        # the new route's prefix in its sets: bytes before that are `other`.
+        # The kernel counts per destination once meter has put the new
+        # route's prefix in its sets: bytes before that are `other`.
         wait_for("r3's prefix counted on every hop", lambda: reaches(emulated, "r1", "r3") and all(
             r3 in ledgers(emulated, router)[neighbor].counters
             for router, neighbor in (("r1", "r2"), ("r2", "r1"), ("r2", "r3"))), timeout=30,
@@ -426,3 +427,75 @@ def test_automatic_pricing_rises_with_load_and_routes_carry_it(
         print(f"\n  automatic pricing: 2.1 Mbit/s through r2 (capacity 4) raised its price "
               f"past {rising:.0f} after {risen:.1f}s (to {loaded} wei/B), r1's route carried "
               f"it after {carried:.1f}s; idle, back under {falling:.0f} after {fell:.1f}s")
+
+
+@contextlib.contextmanager
+def deaf_to_babel(mesh: EmulatedMesh, router: str) -> Iterator[None]:
+    """router hears no Babel packet while inside: its neighbors' Hellos stop,
+    and the routes through them are retracted."""
+    table = "inet meter_test_deaf"
+    mesh.fabric.run(router, ["nft", f"add table {table} ; add chain {table} in {{ type filter "
+                                     f"hook input priority -300 ; }} ; add rule {table} in "
+                                     f"udp dport {BABEL_PORT} drop"])
+    try:
+        yield
+    finally:
+        mesh.fabric.run(router, ["nft", f"delete table {table}"])
+
+
+def test_a_route_that_flaps_under_traffic_is_billed_alike_at_both_ends(tmp_path: Path) -> None:
+    """r1 sends to r3 throughout while its route to r3 goes away (r1 stops
+    hearing r2's Hellos) and comes back. The bytes r1 sends as the route
+    returns, and any still sent to it as it goes, cost r2's price plus r3's
+    at both ends of the tunnel: none counts as `other` (at the default price)
+    at r1 while r2 bills it to r3."""
+    with routed_line(tmp_path, {"price": R2_PRICE}) as mesh:
+        wait_for("r1's route to r3 to carry r2's price",
+                 lambda: route_price(mesh, "r1") == R2_PRICE + 3, timeout=30)
+        sink = Receiver(mesh)
+        before = (ledgers(mesh, "r1")["r2"], ledgers(mesh, "r2")["r1"])
+        stop = threading.Event()
+        refused = [0]
+
+        def load() -> None:  # paced: the tunnel drops nothing, the meters see it all
+            sock = netns.create_socket(mesh.fabric.netns("r1"), socket.AF_INET6,
+                                       socket.SOCK_DGRAM, 0, flags=0)
+            with sock:
+                while not stop.is_set():
+                    try:
+                        sock.sendto(b"m" * PAYLOAD, (sink.address, 9000))
+                    except OSError:  # no route to r3 for the moment
+                        refused[0] += 1
+                    time.sleep(0.002)
+
+        sender = threading.Thread(target=load, daemon=True)
+        sender.start()
+        try:
+            with deaf_to_babel(mesh, "r1"):
+                wait_for("r1's route to r3 to be retracted", lambda: via(mesh, "r1", "r3") is None,
+                         timeout=30)
+            wait_for("r1's route to r3 to come back", lambda: via(mesh, "r1", "r3") == "r2",
+                     timeout=30)
+            back = sink.drain()
+            # A few of meter's samples (every 0.5 s) over the route come back.
+            wait_for("datagrams to reach r3 again", lambda: sink.drain() > back + 1000,
+                     timeout=30)
+        finally:
+            stop.set()
+            sender.join(timeout=10)
+        assert refused[0], "r1 always had a route to r3: nothing flapped"
+
+        def billed() -> tuple[tuple[int, int], tuple[int, int]]:
+            """(bytes, wei) r1 owes r2 and r2 charged r1 since `before`."""
+            now = (ledgers(mesh, "r1")["r2"], ledgers(mesh, "r2")["r1"])
+            return ((now[0].tx_bytes - before[0].tx_bytes, amount(now[0].debt.usage_owed)
+                     - amount(before[0].debt.usage_owed)),
+                    (now[1].rx_bytes - before[1].rx_bytes, amount(now[1].debt.usage_charged)
+                     - amount(before[1].debt.usage_charged)))
+
+        received = sink.drain() * IP_BYTES
+        wait_for("both meters to bill what reached r3", lambda: billed()[0][0] >= billed()[1][0]
+                 >= received, timeout=15, explain=lambda: f"{billed()}, {received} B received")
+        (sent, owed), (arrived, charged) = billed()
+        assert owed == sent * (R2_PRICE + 3) and charged == arrived * (R2_PRICE + 3), billed()
+        assert arrived >= 0.99 * sent, billed()

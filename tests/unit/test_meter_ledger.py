@@ -9,7 +9,7 @@ from mesh.route.v1 import route_pb2
 
 from services.common.money import amount, money
 from services.meter.handlers import Policy, make_handlers
-from services.meter.ledger import Thresholds, balance
+from services.meter.ledger import RETRACTED_HOLD_SAMPLES, Thresholds, balance
 from tests.unit.events import event
 
 POLICY = Policy(Thresholds(pay=1_000, throttle=50_000, cutoff=100_000,
@@ -68,6 +68,60 @@ def test_bytes_through_a_neighbor_off_our_route_cost_its_advertised_price() -> N
     fold(state, sample("mwb", **{"2001_db8__/64": (0, 0)}))
     fold(state, sample("mwb", **{"2001_db8__/64": (0, 100)}))
     assert amount(state.ledgers["b"].debt.usage_owed) == 100 * 9
+
+
+def retracted(prefix: str) -> route_pb2.RouteChanged:
+    return route_pb2.RouteChanged(prefix=prefix, change=route_pb2.ROUTE_CHANGE_RETRACTED)
+
+
+def test_bytes_still_going_to_a_retracted_route_cost_what_they_did() -> None:
+    """A route that flaps under load: what TCP resends to it meanwhile is billed
+    at the price the neighbor at the other end still charges for it, not the
+    default; the first sample with none forgets it."""
+    state = fresh()
+    fold(state, route_pb2.RouteChanged(prefix="2001:db8::/64", next_hop_id="b",
+                                       path_price=money(5)))
+    fold(state, sample("mwb", **{"2001_db8__/64": (0, 0)}))
+    fold(state, retracted("2001:db8::/64"))
+    fold(state, sample("mwb", **{"2001_db8__/64": (100, 100)}))
+    debt = state.ledgers["b"].debt
+    assert (amount(debt.usage_charged), amount(debt.usage_owed)) == (100 * (10 + 5), 100 * 5)
+    assert state.routes["2001:db8::/64"].retracted
+    fold(state, sample("mwb", **{"2001_db8__/64": (100, 100)}))
+    assert "2001:db8::/64" not in state.routes
+
+
+def test_a_retracted_route_is_held_for_a_while_at_most() -> None:
+    state = fresh()
+    fold(state, route_pb2.RouteChanged(prefix="2001:db8::/64", next_hop_id="b",
+                                       path_price=money(5)))
+    fold(state, retracted("2001:db8::/64"))
+    for n in range(1, RETRACTED_HOLD_SAMPLES):
+        fold(state, sample("mwb", **{"2001_db8__/64": (n, n)}))
+        assert "2001:db8::/64" in state.routes
+    fold(state, sample("mwb", **{"2001_db8__/64": (RETRACTED_HOLD_SAMPLES,) * 2}))
+    assert "2001:db8::/64" not in state.routes
+
+
+def test_a_route_back_before_it_went_idle_is_no_longer_retracted() -> None:
+    state = fresh()
+    selected = route_pb2.RouteChanged(prefix="2001:db8::/64", next_hop_id="b",
+                                      path_price=money(5))
+    fold(state, selected)
+    fold(state, retracted("2001:db8::/64"))
+    fold(state, sample("mwb", **{"2001_db8__/64": (1, 1)}))
+    fold(state, selected)
+    for n in range(2, 2 * RETRACTED_HOLD_SAMPLES):
+        fold(state, sample("mwb", **{"2001_db8__/64": (n, n)}))
+    assert not state.routes["2001:db8::/64"].retracted
+    fold(state, sample("mwb", **{"2001_db8__/64": (n, n)}))
+    assert "2001:db8::/64" in state.routes
+
+
+def test_retracting_an_unknown_route_changes_nothing() -> None:
+    state = fresh()
+    fold(state, retracted("2001:db8::/64"))
+    assert not state.routes
 
 
 def test_thresholds_throttle_then_block_and_payment_restores() -> None:
