@@ -3,6 +3,7 @@ payments. Pure: a replay bills the same bytes the same way."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,14 @@ def on_route_changed(
     state: meter_pb2.MeterState, event: Event[route_pb2.RouteChanged]
 ) -> list[Outgoing]:
     route = event.payload
+    try:
+        canonical = str(ipaddress.ip_network(route.prefix))
+    except ValueError as err:
+        raise MalformedEvent(f"route to {route.prefix!r}: {err}") from None
+    if canonical != route.prefix:
+        # The counters name their destinations canonically: another spelling
+        # would never be priced by this route.
+        raise MalformedEvent(f"route to {route.prefix!r}: not canonical (that is {canonical})")
     if route.change == route_pb2.ROUTE_CHANGE_RETRACTED:
         if route.prefix in state.routes:
             held = state.routes[route.prefix]

@@ -49,14 +49,32 @@ def test_bad_meter_settings_are_refused(settings: dict[str, object], message: st
         MeterSettings(**settings)  # type: ignore[arg-type]
 
 
+def meter_handles(route: route_pb2.RouteChanged) -> None:
+    handlers = make_handlers(policy_of(MeterSettings()))
+    env = envelope_pb2.Envelope(event_id="e", occurred_at=timestamp_pb2.Timestamp(seconds=1))
+    handlers[route_pb2.RouteChanged](meter_pb2.MeterState(),
+                                     Event(envelope=env, payload=route, subject="s", sequence=1))
+
+
 def test_absurd_or_negative_money_is_refused() -> None:
     with pytest.raises(MoneyError, match="negative"):
         money(-1)
-    handlers = make_handlers(policy_of(MeterSettings()))
-    route = route_pb2.RouteChanged(prefix="2001:db8::/64", next_hop_id="b",
-                                   path_price=money(10**18))
-    env = envelope_pb2.Envelope(event_id="e", occurred_at=timestamp_pb2.Timestamp(seconds=1))
     with pytest.raises(MalformedEvent, match="absurd"):
-        handlers[route_pb2.RouteChanged](meter_pb2.MeterState(),
-                                         Event(envelope=env, payload=route, subject="s",
-                                               sequence=1))
+        meter_handles(route_pb2.RouteChanged(prefix="2001:db8::/64", next_hop_id="b",
+                                             path_price=money(10**18)))
+
+
+@pytest.mark.parametrize(
+    ("prefix", "message"),
+    [
+        ("2001:db8::1/64", "has host bits set"),
+        ("not-a-prefix", "does not appear to be"),
+        ("2001:DB8::/64", r"not canonical \(that is 2001:db8::/64\)"),
+    ],
+)
+def test_routes_to_bad_prefixes_are_refused(prefix: str, message: str) -> None:
+    """Meter's counters are keyed by canonical prefixes: a route it could not
+    count by is refused, saying why, instead of stopping the sampler."""
+    with pytest.raises(MalformedEvent, match=message):
+        meter_handles(route_pb2.RouteChanged(prefix=prefix, next_hop_id="b",
+                                             path_price=money(10)))
