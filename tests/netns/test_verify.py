@@ -18,7 +18,7 @@ from deploy.emulator.mesh import EmulatedMesh, clean
 from deploy.emulator.topology import Topology
 from deploy.meshctl import client
 from tests.conftest import require_root, wait_for
-from tests.netns.test_route import NAMES, converged, reaches, ring, via
+from tests.netns.test_route import NAMES, address, converged, reaches, ring, via
 
 pytestmark = [pytest.mark.netns, pytest.mark.emulator]
 
@@ -59,6 +59,17 @@ def explain(mesh: EmulatedMesh, router: str) -> str:
     return "\n".join([str(verify_state(mesh, router).neighbors), *log[-40:]])
 
 
+def paths(mesh: EmulatedMesh, a: str, b: str) -> str:
+    """Each router's next hop to a and to b, by its route service and by its kernel."""
+    rows = []
+    for router in NAMES:
+        kernel = [mesh.fabric.run(router, ["ip", "-6", "route", "get", address(mesh, to)],
+                                  check=False).stdout.strip() for to in (a, b) if to != router]
+        rows.append(f"{router}: to {a} via {via(mesh, router, a)}, to {b} via "
+                    f"{via(mesh, router, b)}; kernel: {' | '.join(kernel)}")
+    return "\n".join(rows)
+
+
 def windows(mesh: EmulatedMesh, router: str, verdict: str) -> int:
     return sum(r.verdicts[verdict] for r in verify_state(mesh, router).neighbors.values())
 
@@ -81,7 +92,8 @@ def test_a_neighbor_that_overclaims_is_penalized_and_routed_around(
         assert evidence.measured_metric > evidence.route_metric
         wait_for("r1 to route around r2", lambda: via(mesh, "r1", "r6") == "r4", timeout=30)
         around = time.monotonic() - healthy
-        wait_for("traffic around the liar", lambda: reaches(mesh, "r1", "r6"), timeout=20)
+        wait_for("traffic around the liar", lambda: reaches(mesh, "r1", "r6"), timeout=20,
+                 explain=lambda: paths(mesh, "r1", "r6"))
         route = client.status(mesh.routers["r1"].layout.socket("route")).summary
         assert route["penalized"] == "r2"
         # The honest neighbor is not blamed.
