@@ -9,6 +9,7 @@ neighbors within seconds, as RFC 8966 intends; what must survive a restart
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -32,11 +33,16 @@ def prefix_token(prefix: str) -> str:
     return prefix.replace(".", "-").replace(":", "-").replace("/", "_")
 
 
+def router_id_of(identity_key: bytes) -> bytes:
+    """A stable Babel router-id from the identity key (never all 0s or 1s)."""
+    return hashlib.sha256(b"mesh-babel-router-id" + identity_key).digest()[:8]
+
+
 def on_link_up(state: route_pb2.RouteState, event: Event[link_pb2.LinkUp]) -> list[Outgoing]:
     up = event.payload
     state.neighbors[up.neighbor_id].CopyFrom(route_pb2.RouteState.Neighbor(
         tunnel_interface=up.tunnel_interface, address=up.tunnel_peer_address, up=True,
-        local_address=up.tunnel_local_address))
+        local_address=up.tunnel_local_address, router_id=router_id_of(up.identity_key)))
     return []
 
 

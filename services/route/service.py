@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import socket
 import struct
@@ -35,7 +34,7 @@ from services.meter.service import MeterSettings
 from .babel.codec import MULTICAST_GROUP, PORT, network
 from .babel.speaker import Datagram, InterfaceSpec, Speaker
 from .babel.table import Selected
-from .handlers import HANDLERS, MAX_WEIGHT, prefix_token, summarize
+from .handlers import HANDLERS, MAX_WEIGHT, prefix_token, router_id_of, summarize
 from .kernel import KernelRoute, KernelRoutes
 
 log = logging.getLogger("route")
@@ -85,11 +84,6 @@ class RouteSettings:
                 network(prefix)
             except ValueError as err:
                 raise ConfigError(f"[route] originate: {err}") from None
-
-
-def router_id_of(identity_key: bytes) -> bytes:
-    """A stable Babel router-id from the identity key (never all 0s or 1s)."""
-    return hashlib.sha256(b"mesh-babel-router-id" + identity_key).digest()[:8]
 
 
 class RouteLoop:
@@ -166,6 +160,14 @@ class RouteLoop:
                 found[key] = None if penalty.exclude else penalty.metric
         return found
 
+    def origins(self) -> dict[str, bytes]:
+        """The router-id of each Babel neighbor that came up as a link."""
+        neighbors = self.rt.state.neighbors
+        return {key: neighbors[node_id].router_id
+                for key, neighbor in self.speaker.neighbors.items()
+                if (node_id := self.tunnel_node_id(neighbor.interface))
+                and neighbors[node_id].router_id}
+
     def tunnel_node_id(self, interface: str) -> str:
         """The node id of the link whose tunnel this is, or ""."""
         return next((node_id for node_id, neighbor in self.rt.state.neighbors.items()
@@ -195,7 +197,8 @@ class RouteLoop:
 
     def alternatives(self, selected: Selected) -> list[route_pb2.RouteChanged.Alternative]:
         others = self.speaker.table.candidates(selected.prefix, self.speaker.costs(),
-                                               self.speaker.penalties, feasible_only=False)
+                                               self.speaker.penalties, feasible_only=False,
+                                               origins=self.speaker.origins)
         found = []
         for other in sorted(others, key=lambda o: o.neighbor):
             if other.neighbor == selected.neighbor:
@@ -336,7 +339,7 @@ class RouteLoop:
         self.speaker.set_interfaces(self.interface_specs(), now)
         self.speaker.set_price(self.own_price(), self.settings.default_path_price)
         self.speaker.set_weight(self.price_weight())
-        self.speaker.set_penalties(self.penalties())
+        self.speaker.set_penalties(self.penalties(), self.origins())
         self.speaker.tick(now)
         await self.persist_seqno()
         for datagram in self.speaker.take_outbox():

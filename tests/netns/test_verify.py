@@ -60,13 +60,15 @@ def explain(mesh: EmulatedMesh, router: str) -> str:
 
 
 def paths(mesh: EmulatedMesh, a: str, b: str) -> str:
-    """Each router's next hop to a and to b, by its route service and by its kernel."""
+    """Each router's next hop to a and to b, by its route service and by its
+    kernel, and the neighbors its verify penalizes."""
     rows = []
     for router in NAMES:
         kernel = [mesh.fabric.run(router, ["ip", "-6", "route", "get", address(mesh, to)],
                                   check=False).stdout.strip() for to in (a, b) if to != router]
         rows.append(f"{router}: to {a} via {via(mesh, router, a)}, to {b} via "
-                    f"{via(mesh, router, b)}; kernel: {' | '.join(kernel)}")
+                    f"{via(mesh, router, b)}; penalizes {sorted(penalized(mesh, router))}; "
+                    f"kernel: {' | '.join(kernel)}")
     return "\n".join(rows)
 
 

@@ -138,6 +138,23 @@ def test_a_penalty_costs_metric_and_an_exclusion_removes_the_route() -> None:
     assert table.select(PREFIX, costs, {"liar": None}, 0)[0].neighbor == "honest"
 
 
+def test_a_penalized_neighbor_still_routes_to_itself() -> None:
+    """Its neighbors penalize a router that relayed a liar's routes before it
+    caught the liar itself: its own addresses, one link away, stay reachable
+    through it (every route to it went through it: excluded, it was cut off
+    from the mesh), its other routes do not."""
+    table = RouteTable(default_path_price=0)
+    table.update("relayer", update(1, 0), now=0.0, selected=None)  # it originates PREFIX
+    table.update("honest", update(1, 96), now=0.0, selected=None)
+    costs = {"relayer": 96, "honest": 96}
+    origins = {"relayer": RID}
+    assert table.select(PREFIX, costs, {"relayer": None}, 0, origins)[0].neighbor == "relayer"
+    assert table.select(PREFIX, costs, {"relayer": 500}, 0, origins)[0].neighbor == "relayer"
+    # Another router's prefix through it: excluded as before.
+    assert table.select(PREFIX, costs, {"relayer": None}, 0,
+                        {"relayer": b"another"})[0].neighbor == "honest"
+
+
 def test_a_route_without_the_price_sub_tlv_gets_the_default_price() -> None:
     table = RouteTable(default_path_price=7)
     table.update("babeld", update(1, 96, price=None), now=0.0, selected=None)

@@ -95,6 +95,7 @@ class Speaker:
         self.neighbors: dict[str, Neighbor] = {}  # by "interface/address"
         self.own: set[Network] = set()
         self.penalties: dict[str, int | None] = {}  # by neighbor key
+        self.origins: dict[str, bytes] = {}  # neighbors' router-ids, by key
         self.selected: dict[Network, Selected] = {}
         self.stats = Stats()
         self.outbox: list[Datagram] = []
@@ -146,9 +147,13 @@ class Speaker:
             self.price_weight = price_weight
             self.all_dirty = True
 
-    def set_penalties(self, penalties: dict[str, int | None]) -> None:
-        if penalties != self.penalties:
-            self.penalties = dict(penalties)
+    def set_penalties(self, penalties: dict[str, int | None],
+                      origins: dict[str, bytes] | None = None) -> None:
+        """verify's penalties by neighbor (None excludes), and the neighbors'
+        router-ids, whose own routes a penalty leaves alone."""
+        origins = origins or {}
+        if penalties != self.penalties or origins != self.origins:
+            self.penalties, self.origins = dict(penalties), dict(origins)
             self.all_dirty = True
 
     # -- receiving ----------------------------------------------------------------------
@@ -356,7 +361,8 @@ class Speaker:
         self.all_dirty, self.dirty = False, set()
         for prefix in prefixes - self.own:
             old = self.selected.get(prefix)
-            new, preferred = self.table.select(prefix, costs, self.penalties, self.price_weight)
+            new, preferred = self.table.select(prefix, costs, self.penalties, self.price_weight,
+                                               self.origins)
             if preferred is not None and (new is None or preferred.neighbor != new.neighbor):
                 # Starving, or kept from the route we prefer by feasibility:
                 # ask, and look again next time.

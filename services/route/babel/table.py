@@ -16,6 +16,7 @@ lower price, then the neighbor's name, so the ranking is total.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -157,14 +158,19 @@ class RouteTable:
     # -- selection -----------------------------------------------------------------
 
     def candidates(self, prefix: Network, costs: dict[str, int],
-                   penalties: dict[str, int | None], feasible_only: bool = True
-                   ) -> list[Selected]:
+                   penalties: dict[str, int | None], feasible_only: bool = True,
+                   origins: Mapping[str, bytes] | None = None) -> list[Selected]:
         """Every feasible, reachable route to prefix through a neighbor with a
-        finite link cost, its penalty applied (None excludes the neighbor)."""
+        finite link cost, its penalty applied (None excludes the neighbor),
+        but to those it originates (origins: its router-id, by neighbor)."""
         found = []
         for route in self.routes.get(prefix, {}).values():
             cost = costs.get(route.neighbor, INFINITY)
             penalty = penalties.get(route.neighbor, 0)
+            if origins and origins.get(route.neighbor) == route.router_id:
+                # A route to the penalized neighbor itself: one link, whose
+                # cost our own Hellos measure, whatever it claims elsewhere.
+                penalty = 0
             metric = add_metric(route.advertised_metric, cost)
             if penalty is None or metric >= INFINITY or (feasible_only and not self.feasible(
                     prefix, route.router_id, route.seqno, route.advertised_metric)):
@@ -176,13 +182,15 @@ class RouteTable:
         return found
 
     def select(self, prefix: Network, costs: dict[str, int],
-               penalties: dict[str, int | None], weight: int
+               penalties: dict[str, int | None], weight: int,
+               origins: Mapping[str, bytes] | None = None
                ) -> tuple[Selected | None, Selected | None]:
         """The best feasible route, and the best route were every route
         feasible: when they differ, a newer seqno from the source would let us
         take the one we prefer (RFC 8966 3.8.2.2)."""
-        return (best(self.candidates(prefix, costs, penalties), weight),
-                best(self.candidates(prefix, costs, penalties, feasible_only=False), weight))
+        return (best(self.candidates(prefix, costs, penalties, origins=origins), weight),
+                best(self.candidates(prefix, costs, penalties, feasible_only=False,
+                                     origins=origins), weight))
 
 
 def score(route: Selected, weight: int, max_metric: int, max_price: int
