@@ -108,6 +108,36 @@ class Receiver:
             self.count += 1
 
 
+class Stream:
+    """While inside: r1 sends a datagram of PAYLOAD bytes to address every gap
+    seconds, counting those refused for want of a route."""
+
+    def __init__(self, mesh: EmulatedMesh, address: str, gap: float) -> None:
+        self.mesh, self.address, self.gap = mesh, address, gap
+        self.refused = 0
+        self.stop = threading.Event()
+        self.sender = threading.Thread(target=self.send, daemon=True)
+
+    def send(self) -> None:
+        sock = netns.create_socket(self.mesh.fabric.netns("r1"), socket.AF_INET6,
+                                   socket.SOCK_DGRAM, 0, flags=0)
+        with sock:
+            while not self.stop.is_set():
+                try:
+                    sock.sendto(b"m" * PAYLOAD, (self.address, 9000))
+                except OSError:  # no route to it for the moment
+                    self.refused += 1
+                time.sleep(self.gap)
+
+    def __enter__(self) -> Stream:
+        self.sender.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.sender.join(timeout=10)
+
+
 def send(mesh: EmulatedMesh, address: str, count: int) -> None:
     """count datagrams of PAYLOAD bytes r1 -> r3, paced so no queue overflows."""
     sock = netns.create_socket(mesh.fabric.netns("r1"), socket.AF_INET6, socket.SOCK_DGRAM, 0,
@@ -391,20 +421,9 @@ def test_automatic_pricing_rises_with_load_and_routes_carry_it(
         wait_for("r1's route to r3 to carry r2's price",
                  lambda: route_price(mesh, "r1") == own_price(mesh, "r2") + 3, timeout=30)
         sink = Receiver(mesh)
-        stop = threading.Event()
-
-        def load() -> None:  # about 250 datagrams of 1,048 IP bytes a second: 2.1 Mbit/s
-            sock = netns.create_socket(mesh.fabric.netns("r1"), socket.AF_INET6,
-                                       socket.SOCK_DGRAM, 0, flags=0)
-            with sock:
-                while not stop.is_set():
-                    sock.sendto(b"m" * PAYLOAD, (sink.address, 9000))
-                    time.sleep(0.004)
-
-        sender = threading.Thread(target=load, daemon=True)
         began = time.monotonic()
-        sender.start()
-        try:
+        # About 250 datagrams of 1,048 IP bytes a second: 2.1 Mbit/s.
+        with Stream(mesh, sink.address, gap=0.004):
             wait_for("r2's price to rise with the load",
                      lambda: own_price(mesh, "r2") >= rising, timeout=30)
             risen = time.monotonic() - began
@@ -413,9 +432,6 @@ def test_automatic_pricing_rises_with_load_and_routes_carry_it(
             carried = time.monotonic() - began
             loaded = own_price(mesh, "r2")
             assert loaded <= high
-        finally:
-            stop.set()
-            sender.join(timeout=10)
         quiet = time.monotonic()
         wait_for("r2's price to fall back once idle",
                  lambda: own_price(mesh, "r2") < falling, timeout=30)
@@ -454,23 +470,8 @@ def test_a_route_that_flaps_under_traffic_is_billed_alike_at_both_ends(tmp_path:
                  lambda: route_price(mesh, "r1") == R2_PRICE + 3, timeout=30)
         sink = Receiver(mesh)
         before = (ledgers(mesh, "r1")["r2"], ledgers(mesh, "r2")["r1"])
-        stop = threading.Event()
-        refused = [0]
-
-        def load() -> None:  # paced: the tunnel drops nothing, the meters see it all
-            sock = netns.create_socket(mesh.fabric.netns("r1"), socket.AF_INET6,
-                                       socket.SOCK_DGRAM, 0, flags=0)
-            with sock:
-                while not stop.is_set():
-                    try:
-                        sock.sendto(b"m" * PAYLOAD, (sink.address, 9000))
-                    except OSError:  # no route to r3 for the moment
-                        refused[0] += 1
-                    time.sleep(0.002)
-
-        sender = threading.Thread(target=load, daemon=True)
-        sender.start()
-        try:
+        # Paced: the tunnel drops nothing, the meters see it all.
+        with Stream(mesh, sink.address, gap=0.002) as stream:
             with deaf_to_babel(mesh, "r1"):
                 wait_for("r1's route to r3 to be retracted", lambda: via(mesh, "r1", "r3") is None,
                          timeout=30)
@@ -480,10 +481,7 @@ def test_a_route_that_flaps_under_traffic_is_billed_alike_at_both_ends(tmp_path:
             # A few of meter's samples (every 0.5 s) over the route come back.
             wait_for("datagrams to reach r3 again", lambda: sink.drain() > back + 1000,
                      timeout=30)
-        finally:
-            stop.set()
-            sender.join(timeout=10)
-        assert refused[0], "r1 always had a route to r3: nothing flapped"
+        assert stream.refused, "r1 always had a route to r3: nothing flapped"
 
         def billed() -> tuple[tuple[int, int], tuple[int, int]]:
             """(bytes, wei) r1 owes r2 and r2 charged r1 since `before`."""

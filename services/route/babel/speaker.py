@@ -147,11 +147,9 @@ class Speaker:
             self.price_weight = price_weight
             self.all_dirty = True
 
-    def set_penalties(self, penalties: dict[str, int | None],
-                      origins: dict[str, bytes] | None = None) -> None:
+    def set_penalties(self, penalties: dict[str, int | None], origins: dict[str, bytes]) -> None:
         """verify's penalties by neighbor (None excludes), and the neighbors'
         router-ids, whose own routes a penalty leaves alone."""
-        origins = origins or {}
         if penalties != self.penalties or origins != self.origins:
             self.penalties, self.origins = dict(penalties), dict(origins)
             self.all_dirty = True
